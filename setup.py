@@ -115,7 +115,7 @@ def extensions():
 
     debug = os.environ.get("MAMLPP_DEBUG", "0") not in ("", "0")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = ["csrc/ops.cpp", "csrc/tensor_list.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx_flags = opt + ["-fvisibility=hidden"]
     if with_cuda:

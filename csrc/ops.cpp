@@ -43,6 +43,57 @@ TORCH_LIBRARY(mamlpp_ext, m) {
   //   fixed order: deterministic). Only like's shape, dtype and device are read. The derivative
   //   of lslr_update w.r.t. lrs.
   m.def("_lslr_dot(Tensor[] xs, Tensor[] ys, Tensor like, int step, float alpha) -> Tensor");
+  // ---- Per-step batch norm of task-batched activations (NOTE [Task-batched batch norm] in
+  // include/mamlpp/batch_norm.h). input: (N, T*C) or (N, T*C, H, W), channel t*C + c = channel c
+  // of task t; any memory layout (channels_last and other strided inputs are read through a
+  // contiguous copy); outputs are contiguous. weight/bias: both None, both (C,) (shared by the
+  // tasks: the caller passes row `step` of the (S, C) BNWB tables) or both (T, C) (per task).
+  // Statistics are float32 (float64 for float64 input); reductions are deterministic.
+  //
+  // batch_norm: training mode. Returns (out, mean, var): out like input; mean and var (T*C,) the
+  //   per-(task, channel) batch mean and biased variance over (N, H, W). leaky_relu: out is
+  //   LeakyReLU_0.01(bn(x)). Differentiable w.r.t. input, weight, bias to any order (mean and var
+  //   are not differentiable outputs). Needs more than one element per group unless N == 0.
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, int tasks, float eps, "
+      "bool leaky_relu) -> (Tensor, Tensor, Tensor)");
+  // batch_norm_eval: evaluation mode; normalises every task with row `step` of the (S, C)
+  //   running statistics (dtype of input or float32), which are read, never written.
+  //   Differentiable w.r.t. input, weight, bias to any order.
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+      "Tensor running_var, int tasks, int step, float eps, bool leaky_relu) -> Tensor");
+  // batch_norm_update_stats_: in place, row `step` of the (S, C) running statistics becomes
+  //   (1 - momentum) * old + momentum * (mean over tasks of the batch mean, resp. of the
+  //   unbiased batch variance var * count / (count - 1)); mean, var: (T*C,) from batch_norm;
+  //   count: elements per group (N*H*W). count == 0 leaves the statistics unchanged. Not
+  //   differentiable.
+  m.def(
+      "batch_norm_update_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+      "Tensor var, int tasks, int step, int count, float momentum) -> ()");
+  // _batch_norm_backward: (grad_input, grad_weight, grad_bias) of batch_norm (training=True;
+  //   mean, var: its (T*C,) batch statistics; step unused) or batch_norm_eval (training=False;
+  //   mean, var: the (S, C) running statistics, row `step`). out: the forward's output when the
+  //   LeakyReLU is fused (its sign selects the slope), else None. grad_weight and grad_bias have
+  //   weight's shape ((C,) when weight is None: then they are the sums for a unit affine).
+  //   Differentiable w.r.t. grad_out, input and weight (to any order, see
+  //   _batch_norm_double_backward); mean, var and out are treated as constants whose dependence
+  //   on input is in the closed-form formulas (ATen's design).
+  m.def(
+      "_batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? out, "
+      "Tensor mean, Tensor var, int tasks, int step, bool training, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+  // _batch_norm_double_backward: the vector-Jacobian product of _batch_norm_backward with the
+  //   upstream gradients of its outputs (grad_grad_input like input, grad_grad_weight and
+  //   grad_grad_bias like weight or (C,); None means zero). Returns (grad_grad_out,
+  //   grad_input, grad_weight): like input, like input, and weight's shape ((C,) without weight).
+  //   Differentiable (third order) by differentiating its pure-PyTorch twin
+  //   (mamlpp_ext/reference.py), not fused.
+  m.def(
+      "_batch_norm_double_backward(Tensor? grad_grad_input, Tensor? grad_grad_weight, "
+      "Tensor? grad_grad_bias, Tensor grad_out, Tensor input, Tensor? weight, Tensor? out, "
+      "Tensor mean, Tensor var, int tasks, int step, bool training, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
   // _cuda_version: CUDA runtime version of the compiled CUDA kernels, -1 when built without.
   m.def("_cuda_version() -> int", &mamlpp::cuda_version);
 }

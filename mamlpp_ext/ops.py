@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["lslr_update"]
+__all__ = ["lslr_update", "task_batch_norm"]
 
 _ops = torch.ops.mamlpp_ext
 
@@ -155,3 +155,6 @@ def _lslr_dot_backward(ctx, grad_out):
 
 torch.library.register_autograd("mamlpp_ext::_lslr_dot", _lslr_dot_backward,
                                 setup_context=_lslr_dot_setup)
+
+
+from .batch_norm_ops import task_batch_norm  # noqa: E402,F401  (registers the batch norm ops' fakes and autograd)

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["lslr_update", "lslr_scale", "lslr_dot"]
+__all__ = ["lslr_update", "lslr_scale", "lslr_dot", "task_batch_norm", "batch_norm_double_backward"]
 
 
 def lslr_update(params: Sequence[Tensor], grads: Sequence[Tensor], lrs: Tensor, step: int) -> list[Tensor]:
@@ -45,3 +45,120 @@ def lslr_dot(xs: Sequence[Tensor], ys: Sequence[Tensor], num_steps: int, step: i
         out[k, step] = alpha * (x.to(torch.promote_types(x.dtype, torch.float32))
                                 * y.to(torch.promote_types(y.dtype, torch.float32))).sum()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-step batch norm of task-batched activations (twin of mamlpp_ext.batch_norm & co.)
+# ---------------------------------------------------------------------------------------------
+
+def _per_group_affine(t: Tensor | None, tasks: int) -> Tensor | None:
+    """(C,) shared or (T, C) per-task affine -> the (T*C,) per-channel vector of F.batch_norm."""
+    if t is None:
+        return None
+    return t.repeat(tasks) if t.dim() == 1 else t.reshape(-1)
+
+
+def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bias: Tensor | None = None,
+                    running_mean: Tensor | None = None, running_var: Tensor | None = None, *,
+                    step: int = 0, training: bool = True, update_stats: bool = True,
+                    momentum: float = 0.1, eps: float = 1e-5, leaky_relu: bool = False) -> Tensor:
+    """The plain-PyTorch path of per-step batch norm on task-batched activations.
+
+    input: (N, T*C) or (N, T*C, H, W), channel t*C + c = channel c of task t.
+    weight, bias: None, (C,) (shared; pass row ``step`` of the (S, C) tables) or (T, C) (per task).
+    running_mean, running_var: (S, C) or None. Training: normalise each (task, channel) with its
+    batch statistics and, when ``update_stats``, update row ``step`` in place with the mean over
+    tasks of the batch mean and unbiased variance (momentum). Evaluation: normalise with row
+    ``step``. ``leaky_relu``: apply LeakyReLU(0.01) to the result.
+    Repeats gamma/beta T times and runs ATen's ``F.batch_norm`` on the whole tensor.
+    """
+    C = input.shape[1] // tasks
+    w = _per_group_affine(weight, tasks)
+    b = _per_group_affine(bias, tasks)
+    if training:
+        rm = rv = None
+        if running_mean is not None and update_stats:
+            rm = running_mean[step].repeat(tasks)
+            rv = running_var[step].repeat(tasks)
+        out = torch.nn.functional.batch_norm(input, rm, rv, w, b, True, momentum, eps)
+        if rm is not None:
+            with torch.no_grad():
+                running_mean[step] = rm.view(tasks, C).mean(0)
+                running_var[step] = rv.view(tasks, C).mean(0)
+    else:
+        out = torch.nn.functional.batch_norm(input, running_mean[step].repeat(tasks),
+                                             running_var[step].repeat(tasks), w, b, False, 0.0, eps)
+    if leaky_relu:
+        out = torch.nn.functional.leaky_relu(out, 0.01)
+    return out
+
+
+def _bn_fixed_slope_forward(x: Tensor, weight: Tensor | None, bias: Tensor, tasks: int,
+                            slope: Tensor | None, training: bool, mean: Tensor, var: Tensor,
+                            step: int, eps: float) -> Tensor:
+    """a * (gamma * x^ + beta) with the activation slope ``a`` held fixed (None: no activation).
+
+    Training: x^ uses the batch statistics of x (as differentiable functions of x); evaluation:
+    the constants ``mean[step]``, ``var[step]`` ((S, C) tables). Used to differentiate the
+    backward ops (the slope of a LeakyReLU is piecewise constant).
+    """
+    N, G = x.shape[0], x.shape[1]
+    xv = x.reshape(N, G, -1)
+    if training:
+        mu = xv.mean(dim=(0, 2))
+        sigma2 = xv.var(dim=(0, 2), unbiased=False)
+    else:
+        mu = mean[step].to(x.dtype).repeat(tasks)
+        sigma2 = var[step].to(x.dtype).repeat(tasks)
+    xhat = (xv - mu[:, None]) / torch.sqrt(sigma2[:, None] + eps)
+    gamma = _per_group_affine(weight, tasks)
+    z = xhat * gamma[:, None] if gamma is not None else xhat
+    z = z + _per_group_affine(bias, tasks)[:, None]
+    if slope is not None:
+        z = z * slope.reshape(N, G, -1)
+    return z.reshape(x.shape)
+
+
+def _as_leaf_if_needed(t: Tensor | None) -> Tensor | None:
+    if t is None or t.requires_grad:
+        return t
+    return t.detach().requires_grad_(True)
+
+
+def batch_norm_double_backward(grad_grad_input: Tensor | None, grad_grad_weight: Tensor | None,
+                               grad_grad_bias: Tensor | None, grad_out: Tensor, input: Tensor,
+                               weight: Tensor | None, out: Tensor | None, mean: Tensor, var: Tensor,
+                               tasks: int, step: int, training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Twin of ``_batch_norm_double_backward``, by differentiating the reference twice.
+
+    Returns (grad_grad_out, grad_input, grad_weight) as differentiable functions of every tensor
+    argument (so a further derivative can be taken through it). ``out``: the forward output when
+    the LeakyReLU is fused (its sign fixes the slope), else None.
+    """
+    C = input.shape[1] // tasks
+    affine_shape = weight.shape if weight is not None else (C,)
+    slope = None
+    if out is not None:
+        one = torch.ones((), dtype=input.dtype, device=input.device)
+        slope = torch.where(out > 0, one, one * 0.01).detach()
+    with torch.enable_grad():
+        gy = _as_leaf_if_needed(grad_out)
+        x = _as_leaf_if_needed(input)
+        w = _as_leaf_if_needed(weight) if weight is not None else torch.ones(
+            affine_shape, dtype=input.dtype, device=input.device, requires_grad=True)
+        b = torch.zeros(affine_shape, dtype=input.dtype, device=input.device, requires_grad=True)
+        y = _bn_fixed_slope_forward(x, w, b, tasks, slope, training, mean, var, step, eps)
+        dx, dw, db = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)
+        total = dx.new_zeros(())
+        if grad_grad_input is not None:
+            total = total + (dx * grad_grad_input).sum()
+        if grad_grad_weight is not None:
+            total = total + (dw * grad_grad_weight).sum()
+        if grad_grad_bias is not None:
+            total = total + (db * grad_grad_bias).sum()
+        if total.requires_grad:
+            res = torch.autograd.grad(total, (gy, x, w), create_graph=True, allow_unused=True)
+        else:  # every upstream gradient is None
+            res = (None, None, None)
+    like = (grad_out, input, w)
+    return tuple(r if r is not None else torch.zeros_like(t) for r, t in zip(res, like))

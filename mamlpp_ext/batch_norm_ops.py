@@ -1,0 +1,238 @@
+"""Per-step batch norm of task-batched activations: public wrapper, fake kernels, autograd.
+
+Schemas: ``csrc/ops.cpp``; kernels: ``csrc/cpu/batch_norm_cpu.cpp``,
+``csrc/cuda/batch_norm_cuda.cu``; arithmetic: ``csrc/include/mamlpp/batch_norm.h`` (NOTE
+[Task-batched batch norm]); plain-PyTorch twin: :func:`mamlpp_ext.reference.task_batch_norm`.
+
+Derivative chain (every order second-order MAML needs runs on fused kernels):
+
+* ``batch_norm`` / ``batch_norm_eval``  --backward-->  ``_batch_norm_backward``
+* ``_batch_norm_backward``  --backward-->  ``_batch_norm_double_backward``
+* ``_batch_norm_double_backward``  --backward-->  differentiates the pure-PyTorch twin
+  :func:`mamlpp_ext.reference.batch_norm_double_backward` (third order and beyond: correct, not
+  fused).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference as _reference
+
+__all__ = ["task_batch_norm"]
+
+_ops = torch.ops.mamlpp_ext
+
+
+def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bias: Tensor | None = None,
+                    running_mean: Tensor | None = None, running_var: Tensor | None = None, *,
+                    step: int = 0, training: bool = True, update_stats: bool = True,
+                    momentum: float = 0.1, eps: float = 1e-5, leaky_relu: bool = False) -> Tensor:
+    """Per-step batch norm of T tasks' activations in one fused op (optionally + LeakyReLU).
+
+    Args:
+        input: (N, T*C) or (N, T*C, H, W); channel t*C + c is channel c of task t. Any memory
+            layout (channels_last is read through a contiguous copy); the output is contiguous.
+        tasks: T.
+        weight, bias: both None, both (C,) (shared by the tasks: pass row ``step`` of the (S, C)
+            per-step tables, so the gradient lands in that row) or both (T, C) (per task, e.g.
+            BN affine adapted in the inner loop). Dtype of input.
+        running_mean, running_var: (S, C) per-step running statistics (dtype of input or float32)
+            or None.
+        step: the inner step s: row of the running statistics to update (training) or to
+            normalise with (evaluation).
+        training: True: normalise each (task, channel) with its batch mean and biased variance
+            over (N, H, W); then, if running statistics are given and ``update_stats``, update
+            row ``step`` in place (no autograd) with the mean over tasks of the batch mean and of
+            the unbiased batch variance, momentum ``momentum``. False: normalise with row
+            ``step`` of the running statistics (required), which are not changed.
+        leaky_relu: apply LeakyReLU(0.01) to the result, fused.
+
+    Returns:
+        (N, T*C[, H, W]) tensor. Differentiable w.r.t. input, weight and bias to any order;
+        backward and double backward are fused kernels.
+    """
+    tasks = int(tasks)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("task_batch_norm: expected running_mean and running_var to be both "
+                         "given or both None")
+    if training:
+        out, mean, var = _ops.batch_norm(input, weight, bias, tasks, float(eps), bool(leaky_relu))
+        if running_mean is not None and update_stats:
+            count = input.shape[0] * (input.shape[2] * input.shape[3] if input.dim() == 4 else 1)
+            with torch.no_grad():
+                _ops.batch_norm_update_stats_(running_mean, running_var, mean, var, tasks, int(step),
+                                              count, float(momentum))
+        return out
+    if running_mean is None:
+        raise ValueError("task_batch_norm: evaluation mode (training=False) needs running_mean "
+                         "and running_var")
+    return _ops.batch_norm_eval(input, weight, bias, running_mean, running_var, tasks, int(step),
+                                float(eps), bool(leaky_relu))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: shapes only
+# ---------------------------------------------------------------------------------------------
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _affine_shape(input: Tensor, tasks: int, weight: Tensor | None):
+    return tuple(weight.shape) if weight is not None else (input.shape[1] // tasks,)
+
+
+@torch.library.register_fake("mamlpp_ext::batch_norm")
+def _batch_norm_fake(input, weight, bias, tasks, eps, leaky_relu):
+    stats = input.new_empty((input.shape[1],), dtype=_stats_dtype(input.dtype))
+    return input.new_empty(input.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake("mamlpp_ext::batch_norm_eval")
+def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, tasks, step, eps, leaky_relu):
+    return input.new_empty(input.shape)
+
+
+@torch.library.register_fake("mamlpp_ext::batch_norm_update_stats_")
+def _batch_norm_update_stats_fake(running_mean, running_var, mean, var, tasks, step, count, momentum):
+    return None
+
+
+@torch.library.register_fake("mamlpp_ext::_batch_norm_backward")
+def _batch_norm_backward_fake(grad_out, input, weight, out, mean, var, tasks, step, training, eps):
+    shape = _affine_shape(input, tasks, weight)
+    return input.new_empty(input.shape), input.new_empty(shape), input.new_empty(shape)
+
+
+@torch.library.register_fake("mamlpp_ext::_batch_norm_double_backward")
+def _batch_norm_double_backward_fake(grad_grad_input, grad_grad_weight, grad_grad_bias, grad_out, input,
+                                     weight, out, mean, var, tasks, step, training, eps):
+    return (input.new_empty(input.shape), input.new_empty(input.shape),
+            input.new_empty(_affine_shape(input, tasks, weight)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+def _grad_or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
+    return g if g is not None else torch.zeros_like(like)
+
+
+def _batch_norm_setup(ctx, inputs, output):
+    input, weight, bias, tasks, eps, leaky_relu = inputs
+    out, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.tasks, ctx.eps = tasks, eps
+    ctx.save_for_backward(input, weight, out if leaky_relu else None, mean, var)
+
+
+def _batch_norm_backward(ctx, grad_out, _grad_mean, _grad_var):
+    input, weight, out, mean, var = ctx.saved_tensors
+    dx, dw, db = _ops._batch_norm_backward(_grad_or_zeros(grad_out, input), input, weight, out, mean, var,
+                                           ctx.tasks, 0, True, ctx.eps)
+    affine = weight is not None
+    return (dx if ctx.needs_input_grad[0] else None,
+            dw if affine and ctx.needs_input_grad[1] else None,
+            db if affine and ctx.needs_input_grad[2] else None, None, None, None)
+
+
+torch.library.register_autograd("mamlpp_ext::batch_norm", _batch_norm_backward,
+                                setup_context=_batch_norm_setup)
+
+
+def _batch_norm_eval_setup(ctx, inputs, output):
+    input, weight, bias, running_mean, running_var, tasks, step, eps, leaky_relu = inputs
+    if running_mean.requires_grad or running_var.requires_grad:
+        raise RuntimeError("mamlpp_ext.batch_norm_eval: running statistics are constants; "
+                           "gradients w.r.t. running_mean/running_var are not supported")
+    ctx.args = (tasks, step, eps)
+    ctx.save_for_backward(input, weight, output if leaky_relu else None, running_mean, running_var)
+
+
+def _batch_norm_eval_backward(ctx, grad_out):
+    input, weight, out, running_mean, running_var = ctx.saved_tensors
+    tasks, step, eps = ctx.args
+    dx, dw, db = _ops._batch_norm_backward(_grad_or_zeros(grad_out, input), input, weight, out, running_mean,
+                                           running_var, tasks, step, False, eps)
+    affine = weight is not None
+    return (dx if ctx.needs_input_grad[0] else None,
+            dw if affine and ctx.needs_input_grad[1] else None,
+            db if affine and ctx.needs_input_grad[2] else None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("mamlpp_ext::batch_norm_eval", _batch_norm_eval_backward,
+                                setup_context=_batch_norm_eval_setup)
+
+
+def _check_constant_stats(op: str, mean: Tensor, var: Tensor) -> None:
+    # The saved statistics' dependence on input is inside the closed-form derivative w.r.t.
+    # input; a gradient w.r.t. them as separate inputs is not provided: refuse, never drop it.
+    if mean.requires_grad or var.requires_grad:
+        raise RuntimeError(f"mamlpp_ext.{op}: mean and var are treated as constants (their dependence "
+                           "on input is in the closed-form derivative); they must not require grad")
+
+
+def _batch_norm_backward_setup(ctx, inputs, output):
+    grad_out, input, weight, out, mean, var, tasks, step, training, eps = inputs
+    _check_constant_stats("_batch_norm_backward", mean, var)
+    ctx.args = (tasks, step, training, eps)
+    ctx.save_for_backward(grad_out, input, weight, out, mean, var)
+
+
+def _batch_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
+    grad_out, input, weight, out, mean, var = ctx.saved_tensors
+    if weight is None:
+        gg_weight = gg_bias = None  # outputs for a unit affine that is not an input
+    ggo, gx, gw = _ops._batch_norm_double_backward(gg_input, gg_weight, gg_bias, grad_out, input, weight,
+                                                   out, mean, var, *ctx.args)
+    need = ctx.needs_input_grad
+    # out's only role is the sign of the activation slope: piecewise constant, zero derivative.
+    return (ggo if need[0] else None, gx if need[1] else None,
+            gw if weight is not None and need[2] else None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("mamlpp_ext::_batch_norm_backward", _batch_norm_backward_backward,
+                                setup_context=_batch_norm_backward_setup)
+
+
+def _batch_norm_double_backward_setup(ctx, inputs, output):
+    (gg_input, gg_weight, gg_bias, grad_out, input, weight, out, mean, var, tasks, step, training,
+     eps) = inputs
+    _check_constant_stats("_batch_norm_double_backward", mean, var)
+    ctx.args = (tasks, step, training, eps)
+    ctx.save_for_backward(gg_input, gg_weight, gg_bias, grad_out, input, weight, out, mean, var)
+
+
+def _batch_norm_double_backward_backward(ctx, g_ggo, g_gx, g_gw):
+    # Third order: not fused. Differentiate the pure-PyTorch twin, built from the saved inputs
+    # themselves, so the result is again differentiable (create_graph when grad mode is on).
+    saved = ctx.saved_tensors
+    gg_input, gg_weight, gg_bias, grad_out, input, weight, out, mean, var = saved
+    create = torch.is_grad_enabled()
+    candidates = [(0, gg_input), (1, gg_weight), (2, gg_bias), (3, grad_out), (4, input), (5, weight)]
+    wanted = [(i, t) for i, t in candidates if t is not None and ctx.needs_input_grad[i]]
+    result = [None] * 13
+    if not wanted:
+        return tuple(result)
+    with torch.enable_grad():
+        leaves = {i: (t if t.requires_grad else t.detach().requires_grad_(True)) for i, t in candidates
+                  if t is not None}
+        outs = _reference.batch_norm_double_backward(
+            leaves.get(0), leaves.get(1), leaves.get(2), leaves[3], leaves[4], leaves.get(5), out, mean, var,
+            *ctx.args)
+        pairs = [(o, g) for o, g in zip(outs, (g_ggo, g_gx, g_gw)) if g is not None and o.requires_grad]
+        if pairs:
+            grads = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i, _ in wanted],
+                                        [g for _, g in pairs], create_graph=create, allow_unused=True)
+        else:
+            grads = [None] * len(wanted)
+    for (i, t), g in zip(wanted, grads):
+        result[i] = g if g is not None else torch.zeros_like(t)
+    return tuple(result)
+
+
+torch.library.register_autograd("mamlpp_ext::_batch_norm_double_backward", _batch_norm_double_backward_backward,
+                                setup_context=_batch_norm_double_backward_setup)
