@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ._common import (DatasetNotFoundError, ImageRef, ImageStore, decode_images, entry_for, file_listing,
-                      hash_json, resolve_cache_dir, shared_data_dir)
+                      hash_json, resample_filter, resolve_cache_dir, shared_data_dir)
 from .episodes import ClassPool
 
 SPLITS = ("train", "val", "test")
@@ -134,6 +134,7 @@ def load_mini_imagenet(root: str | os.PathLike | None = None, *, cache_dir: str 
     root = resolve_mini_imagenet_root(root)
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
+    resample_filter(resample)  # reject an unknown filter name before any work
     items = _scan(root, check_counts)
     params = {"size": size, "resample": resample}
     fingerprint = hash_json({"params": params, "files": file_listing((p for _, _, p in items), root)})

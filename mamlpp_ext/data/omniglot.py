@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ._common import (CacheEntry, DatasetNotFoundError, ImageRef, ImageStore, decode_images, entry_for,
-                      file_listing, hash_json, resolve_cache_dir, shared_data_dir)
+                      file_listing, hash_json, resample_filter, resolve_cache_dir, shared_data_dir)
 from .episodes import ClassPool
 
 PARTS = ("images_background", "images_evaluation")
@@ -296,6 +296,7 @@ def load_omniglot(root: str | os.PathLike | None = None, *, cache_dir: str | os.
     root = resolve_omniglot_root(root)
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
+    resample_filter(resample)  # reject an unknown filter name before any work
     parts = _discover(root, check_counts)
     params = {"size": size, "resample": resample, "binary_resize": bool(binary_resize)}
     fingerprint = hash_json({"params": params, "parts": [(p.name, p.kind, p.listing()) for p in parts]})

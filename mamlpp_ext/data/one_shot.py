@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from ._common import CorruptImageError, DatasetNotFoundError, ImageRef, _decode
+from ._common import CorruptImageError, DatasetNotFoundError, _decode, resample_filter
 from .episodes import Episode
 from .omniglot import resolve_omniglot_root
 
@@ -95,6 +95,7 @@ def load_one_shot_runs(root: str | os.PathLike | None = None, *, size: int = 28,
     ``root`` is the Omniglot root (resolved the same way: argument > ``$MAMLPP_OMNIGLOT_ROOT`` >
     shared default) holding ``all_runs.zip`` or ``all_runs/``, or the path of either itself.
     """
+    resample_filter(resample)  # reject an unknown filter name before any work
     root_path = Path(root).expanduser() if root is not None and str(root).endswith(".zip") else resolve_omniglot_root(root)
     read, where, runs, show = _find_runs(root_path)
     if not runs:
