@@ -51,7 +51,9 @@ class OneShotRun(NamedTuple):
 
 
 def _find_runs(root: Path):
-    """(reader, description): ``reader(relpath) -> bytes`` over the runs and the list of run names."""
+    """``(read, where, runs, show)``: ``read(relpath) -> bytes`` for a path like
+    "run01/test/item01.png", the archive or folder found, the run names ("run01", …), and
+    ``show(relpath)``, the full name of a file for error messages."""
     cands = [root] if root.suffix == ".zip" or root.name == "all_runs" else [
         root / "all_runs.zip", root / "all_runs", root / "omniglot-py" / "all_runs.zip", root / "omniglot-py" / "all_runs"]
     for c in cands:
