@@ -120,7 +120,8 @@ class MAMLPlusPlus:
             from . import ops
 
             self._update = ops.lslr_update
-            # Swap point for the compiled per-step batch norm (not yet available): keep ATen's.
+            # Swap point for the compiled per-step batch norm (not yet available): assign a function
+            # with the signature of network.aten_batch_norm that wraps the compiled op.
             self.net.batch_norm = aten_batch_norm
 
         g = torch.Generator().manual_seed(config.seed)
@@ -312,7 +313,10 @@ class MAMLPlusPlus:
         ``loss_weights`` (list of S floats), ``second_order`` (bool)).
         """
         epoch = self._check_epoch(epoch)
-        sx, sy, qx, qy = self._check_inputs(support_x, support_y, query_x, query_y)
+        return self._meta_loss(*self._check_inputs(support_x, support_y, query_x, query_y), epoch)
+
+    def _meta_loss(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, epoch: int) -> tuple[Tensor, dict]:
+        """``meta_loss`` on validated inputs (already on the learner's device and dtype)."""
         cfg = self.config
         S = cfg.inner_steps
         lw = loss_weights(S, epoch, use_msl=cfg.use_msl, msl_epochs=cfg.msl_epochs, training=True)
@@ -347,11 +351,12 @@ class MAMLPlusPlus:
         ``epoch`` (int).
         """
         epoch = self._check_epoch(epoch)
+        batch = self._check_inputs(support_x, support_y, query_x, query_y)  # before any state changes
         lr = self.meta_lr(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.last_epoch = epoch
-        loss, info = self.meta_loss(support_x, support_y, query_x, query_y, epoch)
+        loss, info = self._meta_loss(*batch, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.config.grad_clamp is not None:

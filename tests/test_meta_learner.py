@@ -501,5 +501,6 @@ def test_rejects_bad_batches(backend):
     with pytest.raises(ValueError, match="bn_step must be a non-negative int"):
         L.predict(qx, fw, bn_step=-1)
     # nothing above changed the learner
+    assert L.last_epoch is None and L.meta_steps_done == 0
     fresh = MAMLPlusPlus(cfg, backend=backend, dtype=DT)
     assert all(torch.equal(a, b) for a, b in zip(L.theta + L.running_mean, fresh.theta + fresh.running_mean))
