@@ -111,7 +111,12 @@ def cuda_build_plan() -> tuple[bool, str]:
 
 def extensions():
     with_cuda, reason = cuda_build_plan()
+    import torch.utils.cpp_extension as cpp_ext
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    if with_cuda:
+        # In case torch.utils.cpp_extension was imported before CUDA_HOME was set.
+        cpp_ext.CUDA_HOME = os.environ["CUDA_HOME"]
 
     debug = os.environ.get("MAMLPP_DEBUG", "0") not in ("", "0")
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -147,9 +152,9 @@ def extensions():
 
 
 def main():
+    ext = extensions()  # first: it sets CUDA_HOME before torch.utils.cpp_extension reads it
     from torch.utils.cpp_extension import BuildExtension
 
-    ext = extensions()
     if "MAX_JOBS" in os.environ:
         log(f"MAX_JOBS={os.environ['MAX_JOBS']}")
     setup(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 _EXTENSION_ERROR: str | None = None
 try:
     from . import _C  # noqa: F401  (registers the operators)

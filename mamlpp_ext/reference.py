@@ -32,18 +32,13 @@ def lslr_scale(xs: Sequence[Tensor], lrs: Tensor, step: int, alpha: float) -> li
     return [alpha * lrs[k, step] * x for k, x in enumerate(xs)]
 
 
-def lslr_dot(xs: Sequence[Tensor], ys: Sequence[Tensor], num_steps: int, step: int, alpha: float,
-             dtype: torch.dtype) -> Tensor:
-    """(K, num_steps) tensor, zero except column ``step``, where row k holds alpha * sum(xs[k] * ys[k]).
-
-    The twin of ``_lslr_dot``: the gradient of the learned rates.
-    """
-    K = len(xs)
-    device = xs[0].device if K else torch.device("cpu")
-    out = torch.zeros(K, num_steps, dtype=dtype, device=device)
+def lslr_dot(xs: Sequence[Tensor], ys: Sequence[Tensor], like: Tensor, step: int, alpha: float) -> Tensor:
+    """A tensor shaped and typed like ``like`` (K, S), zero except column ``step``, where row k
+    holds alpha * sum(xs[k] * ys[k]) (accumulated in float64). The twin of ``_lslr_dot``: the
+    gradient of the learned rates."""
+    out = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
     for k, (x, y) in enumerate(zip(xs, ys)):
-        out[k, step] = alpha * (x.to(torch.promote_types(x.dtype, torch.float32))
-                                * y.to(torch.promote_types(y.dtype, torch.float32))).sum()
+        out[k, step] = alpha * (x.double() * y.double()).sum()
     return out
 
 
