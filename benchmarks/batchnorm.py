@@ -1,0 +1,138 @@
+"""Benchmark of the fused per-step batch norm (``mamlpp_ext.ops.task_batch_norm``) against the
+plain-PyTorch path (``mamlpp_ext.reference.task_batch_norm``: repeat gamma/beta T times, ATen's
+``F.batch_norm`` on (N, T*C, H, W), the running-statistics update, optional LeakyReLU).
+
+Cases: the four conv stages of the Omniglot network (C = 64; 28, 14, 7, 3 spatial) at T = 8 tasks
+for 5-way 1-shot (N = 5) and 20-way 1-shot (N = 20) support sets, and one large shape (N = 256,
+C = 64, 56x56, T = 1); each with and without the fused LeakyReLU. Training mode with a shared
+(C,) affine and the (S, C) running statistics updated, as in the MAML++ support forward.
+Passes: ``fwd`` (no graph), ``fwd+bwd`` (grads of input, weight, bias), ``fwd+bwd+dbwd`` (grads
+with create_graph, then the gradient of a function of those grads w.r.t. input, weight and the
+upstream gradient: the second-order MAML pattern).
+Run through ``benchmarks/inner_loop.py --what batchnorm`` or directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import timing  # benchmarks/ is on sys.path when run as a script or through inner_loop.py
+
+PASSES = ("fwd", "fwd+bwd", "fwd+bwd+dbwd")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("batchnorm benchmark")
+    g.add_argument("--bn-dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
+                   help="dtype of the activations (default float32)")
+    g.add_argument("--bn-no-large", action="store_true", help="skip the large (N=256, 56x56) shape")
+
+
+def cases(include_large: bool = True):
+    """(name, N, T, C, H) of every benchmark shape."""
+    out = []
+    for ways, n in (("5w1s", 5), ("20w1s", 20)):
+        for h in (28, 14, 7, 3):
+            out.append((f"omniglot-{ways}-{h}x{h}", n, 8, 64, h))
+    if include_large:
+        out.append(("large-56x56", 256, 1, 64, 56))
+    return out
+
+
+def _make(N, T, C, H, device, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, T * C, H, H, generator=gen).to(device=device, dtype=dtype)
+    w = (1 + 0.1 * torch.randn(C, generator=gen)).to(device=device, dtype=dtype)
+    b = (0.1 * torch.randn(C, generator=gen)).to(device=device, dtype=dtype)
+    gy = torch.randn(N, T * C, H, H, generator=gen).to(device=device, dtype=dtype)
+    return x, w, b, gy
+
+
+def _callable(fn, pass_name, x, w, b, gy, T, leaky, rm, rv):
+    kw = dict(step=2, training=True, leaky_relu=leaky)
+    if pass_name == "fwd":
+        def call():
+            with torch.no_grad():
+                return fn(x, T, w, b, rm, rv, **kw)
+        return call
+    xr, wr, br = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
+    if pass_name == "fwd+bwd":
+        def call():
+            y = fn(xr, T, wr, br, rm, rv, **kw)
+            return torch.autograd.grad(y, (xr, wr, br), gy)
+        return call
+    gyr = gy.clone().requires_grad_()
+    vx = torch.randn_like(x)
+    vw = torch.randn_like(w)
+
+    def call():
+        y = fn(xr, T, wr, br, rm, rv, **kw)
+        dx, dw, db = torch.autograd.grad(y, (xr, wr, br), gyr, create_graph=True)
+        loss = (dx * vx).sum() + (dw * vw).sum() + db.sum()
+        return torch.autograd.grad(loss, (xr, wr, gyr))
+    return call
+
+
+def run(args) -> list[dict]:
+    import mamlpp_ext
+    from mamlpp_ext import reference as ref
+
+    mamlpp_ext.require_extension("the batchnorm benchmark")
+    from mamlpp_ext import ops
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, getattr(args, "bn_dtype", "float32"))
+    repeats = 10 if args.quick else 50
+    rows = []
+    for name, N, T, C, H in cases(not getattr(args, "bn_no_large", False)):
+        numel = N * T * C * H * H
+        x, w, b, gy = _make(N, T, C, H, device, dtype)
+        reps = max(3, repeats // 10) if numel > 10_000_000 else repeats
+        for leaky in (False, True):
+            for pass_name in PASSES:
+                if args.quick and numel > 10_000_000 and pass_name != "fwd+bwd":
+                    continue
+                result = {}
+                # One running-statistics table per implementation: both are updated in place.
+                for impl, fn in (("plain", ref.task_batch_norm), ("fused", ops.task_batch_norm)):
+                    rm = torch.zeros(5, C, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+                    rv = torch.ones_like(rm)
+                    call = _callable(fn, pass_name, x, w, b, gy, T, leaky, rm, rv)
+                    result[impl] = timing.median_time(call, device, repeats=reps, warmup=2)
+                plain_t, fused_t = result["plain"]["median"], result["fused"]["median"]
+                rows.append({
+                    "bench": "batchnorm", "case": name, "N": N, "T": T, "C": C, "H": H, "elements": numel,
+                    "leaky_relu": leaky, "pass": pass_name, "device": str(device), "dtype": str(dtype).split(".")[-1],
+                    "plain_ms": plain_t * 1e3, "fused_ms": fused_t * 1e3, "speedup": plain_t / fused_t,
+                    "runs": result["fused"]["runs"],
+                })
+    return rows
+
+
+COLUMNS = [("case", "case", ""), ("N", "N", "d"), ("T", "T", "d"), ("leaky_relu", "act", ""),
+           ("pass", "pass", ""), ("plain_ms", "plain ms", ".3f"), ("fused_ms", "fused ms", ".3f"),
+           ("speedup", "speed-up", ".2f")]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats: a short smoke run")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows and the machine to PATH")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    rows = run(args)
+    machine = timing.machine(args.device)
+    print(f"# batchnorm benchmark on {machine}")
+    timing.print_table(rows, COLUMNS)
+    if args.json:
+        import sys
+
+        timing.write_json(args.json, {"machine": machine, "command": " ".join(sys.argv), "rows": rows})
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

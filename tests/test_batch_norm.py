@@ -1,0 +1,543 @@
+"""Tests of the task-batched per-step batch norm ops (batch_norm, batch_norm_eval,
+batch_norm_update_stats_, _batch_norm_backward, _batch_norm_double_backward).
+
+Values, running statistics and first and second derivatives are compared with
+``torch.nn.functional.batch_norm`` on the same (N, T*C, H, W) tensor with gamma/beta repeated T
+times (mamlpp_ext.reference.task_batch_norm) and with F.batch_norm on each task's slice; float64
+gradcheck and gradgradcheck cover every variant; opcheck covers the dispatcher registrations.
+CPU here; the same checks and CPU/CUDA parity on a CUDA device when one is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mamlpp_ext
+from mamlpp_ext import reference as ref
+
+pytestmark = pytest.mark.skipif(not mamlpp_ext.has_extension(), reason=str(mamlpp_ext.extension_error()))
+
+if mamlpp_ext.has_extension():
+    from mamlpp_ext import ops
+
+    OPS = torch.ops.mamlpp_ext
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+# (N, T, C, H): SPEC section 2 stages (Omniglot C=64: 28/14/7/3; mini-ImageNet C=48: 84/42/21/10)
+# at T in {1, 2, 8} and N in {1, 5, 20, 75}, a subset that keeps the file fast.
+REAL_SHAPES = [
+    (5, 8, 64, 28), (20, 8, 64, 14), (75, 2, 64, 7), (1, 8, 64, 3), (20, 1, 64, 3),
+    (5, 2, 48, 84), (1, 1, 48, 42), (75, 2, 48, 10), (20, 8, 48, 21),
+]
+AFFINES = ["shared", "per_task", "none"]
+
+# float32 results against the float64 reference: a few units of float32 rounding in the
+# normalised values (and sums over up to ~50k elements in the derivatives).
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4),
+       torch.float16: dict(rtol=1e-2, atol=1e-2), torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+
+
+def make_case(N, T, C, H, W=None, *, affine="shared", dtype=torch.float64, device="cpu", S=4, seed=0,
+              two_d=False):
+    """Fresh random input (mean and scale varying per channel), affine, running stats."""
+    W = H if W is None else W
+    g = torch.Generator().manual_seed(seed)
+    shape = (N, T * C) if two_d else (N, T * C, H, W)
+    loc = torch.randn(T * C, generator=g) * 2
+    scale = torch.rand(T * C, generator=g) + 0.5
+    view = (1, T * C) if two_d else (1, T * C, 1, 1)
+    x = torch.randn(shape, generator=g) * scale.view(view) + loc.view(view)
+    wshape = {"shared": (C,), "per_task": (T, C)}.get(affine)
+    w = (1 + 0.5 * torch.randn(wshape, generator=g)) if wshape else None
+    b = torch.randn(wshape, generator=g) if wshape else None
+    rm = torch.randn(S, C, generator=g)
+    rv = torch.rand(S, C, generator=g) + 0.5
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return cast(x), cast(w), cast(b), rm.to(device, stats_dtype), rv.to(device, stats_dtype)
+
+
+def _req(*ts):
+    return [t.detach().clone().requires_grad_(True) if t is not None else None for t in ts]
+
+
+def grads_through(fn, x, w, b, gy, vs, **kw):
+    """y = fn(x, w, b); first derivatives (create_graph) and second derivatives of <grads, vs>."""
+    x, w, b = _req(x, w, b)
+    inputs = [t for t in (x, w, b) if t is not None]
+    y = fn(x, w, b, **kw)
+    gy = gy.detach().clone().requires_grad_(True)
+    first = torch.autograd.grad(y, inputs, gy, create_graph=True)
+    loss = sum((f * v).sum() for f, v in zip(first, vs))
+    second = torch.autograd.grad(loss, inputs + [gy], allow_unused=True)
+    second = [s if s is not None else torch.zeros_like(t) for s, t in zip(second, inputs + [gy])]
+    return y.detach(), [f.detach() for f in first], second
+
+
+def fused(T, rm=None, rv=None, **kw):
+    return lambda x, w, b, **k: ops.task_batch_norm(x, T, w, b, rm, rv, **kw, **k)
+
+
+def plain(T, rm=None, rv=None, **kw):
+    return lambda x, w, b, **k: ref.task_batch_norm(x, T, w, b, rm, rv, **kw, **k)
+
+
+def to64(ts):
+    return [t.double() if t is not None else None for t in ts]
+
+
+# ---- values and derivatives against ATen's batch norm -----------------------------------------
+
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: "N{}-T{}-C{}-{}x{}".format(*s, s[-1]))
+@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+def test_real_shapes_match_aten(shape, leaky):
+    """float32 op vs F.batch_norm evaluated in float64: output, running stats, 1st and 2nd derivatives."""
+    N, T, C, H = shape
+    x, w, b, rm, rv = make_case(N, T, C, H, dtype=torch.float32, seed=hash(shape) % 1000)
+    rm64, rv64 = rm.double(), rv.double()
+    gy = torch.randn_like(x)
+    vs = [torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)]
+    y, first, second = grads_through(fused(T, rm, rv, step=1, leaky_relu=leaky), x, w, b, gy, vs)
+    y64, first64, second64 = grads_through(plain(T, rm64, rv64, step=1, leaky_relu=leaky),
+                                           *to64([x, w, b, gy]), to64(vs))
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(y, y64.float(), **tol)
+    torch.testing.assert_close(rm, rm64.float(), **tol)
+    torch.testing.assert_close(rv, rv64.float(), **tol)
+    for a, e in zip(first, first64):
+        torch.testing.assert_close(a, e.float(), rtol=tol["rtol"], atol=tol["atol"] * max(1.0, e.abs().max().item()))
+    for a, e in zip(second, second64):
+        torch.testing.assert_close(a, e.float(), rtol=tol["rtol"], atol=tol["atol"] * max(1.0, e.abs().max().item()))
+
+
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_float64_matches_reference_exactly(affine, leaky, training):
+    """float64, every affine/activation/mode variant: to 1e-10 against the plain-PyTorch path."""
+    x, w, b, rm, rv = make_case(5, 8, 64, 7, affine=affine, seed=3)
+    rm2, rv2 = rm.clone(), rv.clone()
+    gy = torch.randn_like(x)
+    vs = [torch.randn_like(t) for t in (x, w, b) if t is not None]
+    kw = dict(step=2, training=training, leaky_relu=leaky)
+    y, first, second = grads_through(fused(8, rm, rv, **kw), x, w, b, gy, vs)
+    y2, first2, second2 = grads_through(plain(8, rm2, rv2, **kw), x, w, b, gy, vs)
+    tol = TOL[torch.float64]
+    torch.testing.assert_close(y, y2, **tol)
+    torch.testing.assert_close(rm, rm2, **tol)
+    torch.testing.assert_close(rv, rv2, **tol)
+    for a, e in zip(first + second, first2 + second2):
+        torch.testing.assert_close(a, e, **tol)
+
+
+@pytest.mark.parametrize("affine", ["shared", "per_task"])
+def test_matches_batch_norm_per_task_slice(affine):
+    """Task t of the output equals F.batch_norm on channels [t*C, (t+1)*C) with task t's affine."""
+    T, C = 3, 5
+    x, w, b, _, _ = make_case(4, T, C, 6, affine=affine, seed=5)
+    y = ops.task_batch_norm(x, T, w, b)
+    for t in range(T):
+        wt = w if w.dim() == 1 else w[t]
+        bt = b if b.dim() == 1 else b[t]
+        expected = F.batch_norm(x[:, t * C:(t + 1) * C], None, None, wt, bt, True, 0.1, 1e-5)
+        torch.testing.assert_close(y[:, t * C:(t + 1) * C], expected, **TOL[torch.float64])
+
+
+# ---- gradcheck / gradgradcheck --------------------------------------------------------------
+
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_gradgradcheck(affine, leaky, training):
+    T = 2
+    x, w, b, rm, rv = make_case(3, T, 3, 3, 5, affine=affine, seed=7)
+    inputs = _req(x, w, b) if w is not None else _req(x)
+
+    def f(*args):
+        xx, ww, bb = (args + (None, None))[:3]
+        return ops.task_batch_norm(xx, T, ww, bb, rm, rv, step=1, training=training, leaky_relu=leaky,
+                                   update_stats=False)
+
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_third_order_through_twin(leaky, training):
+    """Third order (not fused: the double-backward op differentiates its pure-PyTorch twin).
+
+    The backward ops take the saved statistics as constants whose dependence on x is inside
+    their closed-form derivatives, so the numerical side of the checks recomputes the forward
+    (statistics and output) from the perturbed x, exactly as autograd sees it.
+    """
+    T = 2
+    x, w, b, rm, rv = make_case(2, T, 2, 3, affine="per_task", seed=11)
+    gy = torch.randn_like(x)
+    ggx, ggw, ggb = torch.randn_like(x), torch.randn_like(w), torch.randn_like(w)
+
+    def forward(x_, w_):
+        if training:
+            out, mean, var = OPS.batch_norm(x_, w_, b, T, 1e-5, leaky)
+            return out, mean, var, 0
+        return OPS.batch_norm_eval(x_, w_, b, rm, rv, T, 1, 1e-5, leaky), rm, rv, 1
+
+    def bw(gy_, x_, w_):
+        out, mean, var, step = forward(x_, w_)
+        return OPS._batch_norm_backward(gy_, x_, w_, out if leaky else None, mean, var, T, step, training, 1e-5)
+
+    def dbw(ggx_, ggw_, ggb_, gy_, x_, w_):
+        out, mean, var, step = forward(x_, w_)
+        return OPS._batch_norm_double_backward(ggx_, ggw_, ggb_, gy_, x_, w_, out if leaky else None, mean, var,
+                                               T, step, training, 1e-5)
+
+    assert torch.autograd.gradcheck(dbw, _req(ggx, ggw, ggb, gy, x, w))
+    assert torch.autograd.gradgradcheck(bw, _req(gy, x, w))
+
+
+def test_double_backward_op_matches_twin():
+    T = 4
+    for affine in ["shared", "per_task", "none"]:
+        for leaky in [False, True]:
+            x, w, b, _, _ = make_case(3, T, 5, 4, affine=affine, seed=13)
+            out, mean, var = OPS.batch_norm(x, w, b, T, 1e-5, leaky)
+            y = out if leaky else None
+            gy, ggx = torch.randn_like(x), torch.randn_like(x)
+            shape = w.shape if w is not None else (5,)
+            ggw, ggb = torch.randn(shape, dtype=x.dtype), torch.randn(shape, dtype=x.dtype)
+            for args in [(ggx, ggw, ggb), (None, ggw, None), (ggx, None, None), (None, None, ggb)]:
+                got = OPS._batch_norm_double_backward(*args, gy, x, w, y, mean, var, T, 0, True, 1e-5)
+                exp = ref.batch_norm_double_backward(*args, gy, x, w, y, mean, var, T, 0, True, 1e-5)
+                for a, e in zip(got, exp):
+                    torch.testing.assert_close(a, e.detach(), **TOL[torch.float64])
+
+
+# ---- opcheck ------------------------------------------------------------------------------------
+
+def _opcheck_samples(device="cpu"):
+    """(op name, args) pairs; data tensors (input, weight, bias, gradients) require grad."""
+    T = 2
+    x, w, b, rm, rv = make_case(3, T, 4, 5, affine="shared", dtype=torch.float32, device=device, seed=17)
+    xp, wp, bp, _, _ = make_case(2, T, 4, 3, 7, affine="per_task", dtype=torch.float32, device=device, seed=18)
+    x, w, b, xp, wp, bp = _req(x, w, b, xp, wp, bp)
+    out, mean, var = OPS.batch_norm(x, w, b, T, 1e-5, True)
+    gy, ggx, ggw, ggb = _req(torch.randn_like(x), torch.randn_like(x), torch.randn_like(w), torch.randn_like(b))
+    y = out.detach()
+    samples = [
+        ("batch_norm", (x, w, b, T, 1e-5, False)),
+        ("batch_norm", (xp, wp, bp, T, 1e-5, True)),
+        ("batch_norm", (x, None, None, T, 1e-3, True)),
+        ("batch_norm_eval", (x, w, b, rm, rv, T, 2, 1e-5, True)),
+        ("batch_norm_eval", (xp, None, None, rm, rv, T, 0, 1e-5, False)),
+        ("_batch_norm_backward", (gy, x, w, y, mean, var, T, 0, True, 1e-5)),
+        ("_batch_norm_backward", (gy, x, w, None, rm, rv, T, 3, False, 1e-5)),
+        ("_batch_norm_double_backward", (ggx, ggw, ggb, gy, x, w, y, mean, var, T, 0, True, 1e-5)),
+        ("_batch_norm_double_backward", (None, ggw, None, gy, x, w, None, rm, rv, T, 1, False, 1e-5)),
+    ]
+    _, mean, var = OPS.batch_norm(x, w, b, T, 1e-5, False)
+    samples.append(("batch_norm_update_stats_", (rm.clone(), rv.clone(), mean, var, T, 1, 75, 0.1)))
+    return samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(10))
+def test_opcheck(device, case):
+    name, args = _opcheck_samples(device)[case]
+    torch.library.opcheck(getattr(OPS, name), args)
+
+
+# ---- running statistics ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("T", [1, 2, 8])
+def test_running_stats_update(T):
+    x, w, b, rm, rv = make_case(5, T, 6, 4, affine="shared", seed=19)
+    rm0, rv0 = rm.clone(), rv.clone()
+    ops.task_batch_norm(x, T, w, b, rm, rv, step=3, momentum=0.3)
+    # The definition: mean over tasks of the per-task batch mean / unbiased variance.
+    xv = x.view(5, T, 6, 16)
+    bm = xv.mean(dim=(0, 3)).mean(0)
+    bv = xv.var(dim=(0, 3), unbiased=True).mean(0)
+    torch.testing.assert_close(rm[3], 0.7 * rm0[3] + 0.3 * bm, **TOL[torch.float64])
+    torch.testing.assert_close(rv[3], 0.7 * rv0[3] + 0.3 * bv, **TOL[torch.float64])
+    other = [s for s in range(4) if s != 3]
+    assert torch.equal(rm[other], rm0[other]) and torch.equal(rv[other], rv0[other])
+
+
+def test_running_stats_skippable_and_eval_reads_them():
+    x, w, b, rm, rv = make_case(4, 2, 3, 5, seed=23)
+    rm0, rv0 = rm.clone(), rv.clone()
+    y1 = ops.task_batch_norm(x, 2, w, b, rm, rv, step=0, update_stats=False)
+    y2 = ops.task_batch_norm(x, 2, w, b)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+    y = ops.task_batch_norm(x, 2, w, b, rm, rv, step=2, training=False)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    expected = F.batch_norm(x, rm[2].repeat(2), rv[2].repeat(2), w.repeat(2), b.repeat(2), False, 0.0, 1e-5)
+    torch.testing.assert_close(y, expected, **TOL[torch.float64])
+
+
+def test_running_stats_float32_with_float64_input():
+    x, w, b, rm, rv = make_case(4, 2, 3, 5, seed=29)
+    rm32, rv32 = rm.float(), rv.float()
+    ops.task_batch_norm(x, 2, w, b, rm32, rv32, step=1)
+    ref.task_batch_norm(x, 2, w, b, rm, rv, step=1)
+    torch.testing.assert_close(rm32, rm.float())
+    torch.testing.assert_close(rv32, rv.float())
+    y = ops.task_batch_norm(x, 2, w, b, rm32, rv32, step=1, training=False)
+    torch.testing.assert_close(y, ref.task_batch_norm(x, 2, w, b, rm32.double(), rv32.double(), step=1,
+                                                      training=False), **TOL[torch.float64])
+
+
+# ---- layouts, sizes, dtypes ------------------------------------------------------------------
+
+LAYOUTS = {
+    # name: (make_case kwargs, transform applied to the (leaf) input before the op)
+    "non_contiguous": (dict(N=4, H=6), lambda x: torch.cat([x, x], dim=1)[:, ::2]),
+    "channels_last": (dict(N=4, H=6), lambda x: x.contiguous(memory_format=torch.channels_last)),
+    "expanded": (dict(N=4, H=6), lambda x: x[:1].expand(4, -1, -1, -1)),
+    "transposed_hw": (dict(N=4, H=6, W=5), lambda x: x.transpose(2, 3)),
+    "two_d": (dict(N=7, H=1, two_d=True), lambda x: x),
+    "two_d_strided": (dict(N=7, H=1, two_d=True), lambda x: x.t().contiguous().t()),
+    "odd": (dict(N=3, H=5, W=7), lambda x: x),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layouts(layout):
+    T, C = 2, 3
+    kwargs, transform = LAYOUTS[layout]
+    x, w, b, rm, rv = make_case(T=T, C=C, affine="per_task", seed=31, **kwargs)
+    assert layout in ("two_d", "odd") or not transform(x).is_contiguous()
+    rm2, rv2 = rm.clone(), rv.clone()
+    gy = torch.randn_like(transform(x))
+    vs = [torch.randn_like(t) for t in (x, w, b)]
+    kw = dict(step=1, leaky_relu=True)
+    got = grads_through(lambda x_, w_, b_: ops.task_batch_norm(transform(x_), T, w_, b_, rm, rv, **kw), x, w, b, gy, vs)
+    exp = grads_through(lambda x_, w_, b_: ref.task_batch_norm(transform(x_), T, w_, b_, rm2, rv2, **kw), x, w, b, gy,
+                        vs)
+    for a, e in zip([got[0]] + got[1] + got[2], [exp[0]] + exp[1] + exp[2]):
+        torch.testing.assert_close(a, e, **TOL[torch.float64])
+    torch.testing.assert_close(rm, rm2, **TOL[torch.float64])
+    torch.testing.assert_close(rv, rv2, **TOL[torch.float64])
+
+
+def test_empty_batch():
+    x, w, b, rm, rv = make_case(0, 2, 3, 4, seed=31)
+    rm0, rv0 = rm.clone(), rv.clone()
+    x_, w_, b_ = _req(x, w, b)
+    y = ops.task_batch_norm(x_, 2, w_, b_, rm, rv, step=1, leaky_relu=True)
+    assert y.shape == x.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)  # nothing to average: unchanged
+    dx, dw, db = torch.autograd.grad(y.sum(), (x_, w_, b_))
+    assert dx.shape == x.shape and torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+def test_reduced_precision(dtype, leaky):
+    """Statistics in float32: forward and backward within the dtype's rounding of the float64 reference."""
+    x, w, b, rm, rv = make_case(5, 8, 16, 7, dtype=dtype, seed=37)
+    out, mean, var = OPS.batch_norm(x, w, b, 8, 1e-5, leaky)
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
+    gy = torch.randn_like(x)
+    xd, wd, bd = _req(*to64([x, w, b]))
+    yd = ref.task_batch_norm(xd, 8, wd, bd, leaky_relu=leaky)
+    torch.testing.assert_close(out, yd.to(dtype), **TOL[dtype])
+    torch.testing.assert_close(mean, xd.detach().view(5, 128, 49).mean(dim=(0, 2)).float(), **TOL[torch.float32])
+    x_, w_, b_ = _req(x, w, b)
+    grads = torch.autograd.grad(ops.task_batch_norm(x_, 8, w_, b_, leaky_relu=leaky), (x_, w_, b_), gy)
+    grads_d = torch.autograd.grad(yd, (xd, wd, bd), gy.double())
+    for a, e in zip(grads, grads_d):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, e.to(dtype), rtol=TOL[dtype]["rtol"],
+                                   atol=TOL[dtype]["atol"] * max(1.0, e.abs().max().item()))
+
+
+def test_deterministic_and_thread_count_independent():
+    x, w, b, _, _ = make_case(20, 8, 64, 7, dtype=torch.float32, seed=41)
+    gy, ggx = torch.randn_like(x), torch.randn_like(x)
+
+    def everything():
+        out, mean, var = OPS.batch_norm(x, w, b, 8, 1e-5, True)
+        bw = OPS._batch_norm_backward(gy, x, w, out, mean, var, 8, 0, True, 1e-5)
+        dbw = OPS._batch_norm_double_backward(ggx, w, b, gy, x, w, out, mean, var, 8, 0, True, 1e-5)
+        return (out, mean, var) + tuple(bw) + tuple(dbw)
+
+    threads = torch.get_num_threads()
+    a = everything()
+    b2 = everything()
+    try:
+        torch.set_num_threads(1)
+        c = everything()
+    finally:
+        torch.set_num_threads(threads)
+    for u, v, w2 in zip(a, b2, c):
+        assert torch.equal(u, v) and torch.equal(u, w2)
+
+
+def test_maml_second_order_inner_step():
+    """One second-order inner step of a grouped conv + batch norm + LeakyReLU layer: the meta-gradient
+    w.r.t. conv weight, gamma and beta tables matches the plain-PyTorch path."""
+    T, C, N, S, step = 4, 6, 5, 3, 1
+    g = torch.Generator().manual_seed(43)
+    xs = torch.randn(N, T * 2, 6, 6, generator=g, dtype=torch.float64)
+    xq = torch.randn(N, T * 2, 6, 6, generator=g, dtype=torch.float64)
+    w0 = torch.randn(C, 2, 3, 3, generator=g, dtype=torch.float64)
+    gam = 1 + 0.3 * torch.randn(S, C, generator=g, dtype=torch.float64)
+    bet = 0.3 * torch.randn(S, C, generator=g, dtype=torch.float64)
+
+    def meta_grads(bn):
+        w, gm, bt = _req(w0, gam, bet)
+        wt = w.expand(T, -1, -1, -1, -1)
+
+        def net(x, wt, s):
+            h = F.conv2d(x, wt.reshape(T * C, 2, 3, 3), padding=1, groups=T)
+            return bn(h, T, gm[s], bt[s], step=s, leaky_relu=True).square().mean()
+
+        inner = net(xs, wt, step)
+        (gw,) = torch.autograd.grad(inner, wt, create_graph=True)
+        outer = net(xq, wt - 0.1 * gw, step + 1)
+        return torch.autograd.grad(outer, (w, gm, bt))
+
+    for a, e in zip(meta_grads(ops.task_batch_norm), meta_grads(ref.task_batch_norm)):
+        torch.testing.assert_close(a, e, **TOL[torch.float64])
+
+
+# ---- rejected inputs ---------------------------------------------------------------------------
+
+def _bad_calls():
+    x, w, b, rm, rv = make_case(3, 2, 4, 5, dtype=torch.float32, seed=47)
+    out, mean, var = OPS.batch_norm(x, w, b, 2, 1e-5, False)
+    gy = torch.randn_like(x)
+    return [
+        ("input to be 2-D", lambda: OPS.batch_norm(x[0], w, b, 2, 1e-5, False)),
+        ("input to be 2-D", lambda: OPS.batch_norm(x[:, :, 0], w, b, 2, 1e-5, False)),
+        ("input to be 2-D", lambda: OPS.batch_norm(x.flatten()[:8], None, None, 2, 1e-5, False)),
+        ("multiple of tasks=3", lambda: OPS.batch_norm(x, None, None, 3, 1e-5, False)),
+        ("tasks >= 1", lambda: OPS.batch_norm(x, None, None, 0, 1e-5, False)),
+        ("floating-point", lambda: OPS.batch_norm(x.long(), None, None, 2, 1e-5, False)),
+        ("weight to have shape", lambda: OPS.batch_norm(x, w[:3], b[:3], 2, 1e-5, False)),
+        ("weight to have shape", lambda: OPS.batch_norm(x, w.repeat(3, 1), b.repeat(3, 1), 2, 1e-5, False)),
+        ("both given or both None", lambda: OPS.batch_norm(x, w, None, 2, 1e-5, False)),
+        ("weight and bias to have one shape", lambda: OPS.batch_norm(x, w, b.repeat(2, 1), 2, 1e-5, False)),
+        ("weight to have the dtype of input", lambda: OPS.batch_norm(x, w.double(), b.double(), 2, 1e-5, False)),
+        ("more than one value", lambda: OPS.batch_norm(x[:1, :, :1, :1], w, b, 2, 1e-5, False)),
+        ("step in [0, 4)", lambda: OPS.batch_norm_eval(x, w, b, rm, rv, 2, 4, 1e-5, False)),
+        ("step in [0, 4)", lambda: OPS.batch_norm_eval(x, w, b, rm, rv, 2, -1, 1e-5, False)),
+        ("running_mean to be a 2-D (S, C=4)", lambda: OPS.batch_norm_eval(x, w, b, rm[:, :3], rv, 2, 0, 1e-5, False)),
+        ("running_var to be a 2-D (S, C=4)", lambda: OPS.batch_norm_eval(x, w, b, rm, rv[0], 2, 0, 1e-5, False)),
+        ("running_mean to have the dtype of input", lambda: OPS.batch_norm_eval(x, w, b, rm.half(), rv, 2, 0, 1e-5,
+                                                                                False)),
+        ("step in [0, 4)", lambda: OPS.batch_norm_update_stats_(rm, rv, mean, var, 2, 4, 75, 0.1)),
+        ("running_var to be a 2-D (S, C=4)", lambda: OPS.batch_norm_update_stats_(rm, rv[:, :2], mean, var, 2, 0,
+                                                                                   75, 0.1)),
+        ("multiple of tasks=3", lambda: OPS.batch_norm_update_stats_(rm, rv, mean, var, 3, 0, 75, 0.1)),
+        ("count (elements per task and channel) != 1",
+         lambda: OPS.batch_norm_update_stats_(rm, rv, mean, var, 2, 0, 1, 0.1)),
+        ("grad_out to have the shape of input", lambda: OPS._batch_norm_backward(gy[:2], x, w, None, mean, var, 2, 0,
+                                                                                 True, 1e-5)),
+        ("out to have the dtype of input", lambda: OPS._batch_norm_backward(gy, x, w, out.double(), mean, var, 2, 0,
+                                                                            True, 1e-5)),
+        ("mean to be a 1-D (T*C=8,)", lambda: OPS._batch_norm_backward(gy, x, w, None, mean[:4], var, 2, 0, True,
+                                                                       1e-5)),
+        ("var to have dtype Float", lambda: OPS._batch_norm_backward(gy, x, w, None, mean, var.double(), 2, 0, True,
+                                                                     1e-5)),
+        ("grad_grad_weight to have shape", lambda: OPS._batch_norm_double_backward(None, w[:2], None, gy, x, w, None,
+                                                                                  mean, var, 2, 0, True, 1e-5)),
+        ("grad_grad_input to have the shape of input",
+         lambda: OPS._batch_norm_double_backward(gy[:1], None, None, gy, x, w, None, mean, var, 2, 0, True, 1e-5)),
+        ("needs running_mean", lambda: ops.task_batch_norm(x, 2, w, b, training=False)),
+        ("both given or both None", lambda: ops.task_batch_norm(x, 2, w, b, rm, None)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_rejects_bad_input(case):
+    match, call = _bad_calls()[case]
+    with pytest.raises((RuntimeError, ValueError), match=match.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("*", r"\*")):
+        call()
+
+
+def test_stats_requiring_grad_are_refused():
+    x, w, b, rm, rv = make_case(3, 2, 4, 5, seed=53)
+    with pytest.raises(RuntimeError, match="running statistics are constants"):
+        OPS.batch_norm_eval(x, w, b, rm.requires_grad_(), rv, 2, 0, 1e-5, False)
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------
+
+@needs_cuda
+def test_rejects_mixed_devices():
+    x, w, b, rm, rv = make_case(3, 2, 4, 5, dtype=torch.float32, seed=59)
+    with pytest.raises(RuntimeError, match="weight to be on the device of input"):
+        OPS.batch_norm(x.cuda(), w, b.cuda(), 2, 1e-5, False)
+    with pytest.raises(RuntimeError, match="running_mean to be on the device of input"):
+        OPS.batch_norm_eval(x.cuda(), w.cuda(), b.cuda(), rm, rv.cuda(), 2, 0, 1e-5, False)
+
+
+@needs_cuda
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: "N{}-T{}-C{}-{}x{}".format(*s, s[-1]))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu(shape, dtype):
+    """Forward, running stats, first and second derivatives: CUDA vs CPU kernels, every variant."""
+    N, T, C, H = shape
+    for affine in AFFINES:
+        for leaky in (False, True):
+            for training in (True, False):
+                x, w, b, rm, rv = make_case(N, T, C, H, affine=affine, dtype=dtype, seed=61)
+                rmc, rvc = rm.cuda(), rv.cuda()
+                gy = torch.randn_like(x)
+                vs = [torch.randn_like(t) for t in (x, w, b) if t is not None]
+                kw = dict(step=2, training=training, leaky_relu=leaky)
+                got = grads_through(fused(T, rmc, rvc, **kw), *[t.cuda() if t is not None else None for t in (x, w, b)],
+                                    gy.cuda(), [v.cuda() for v in vs])
+                exp = grads_through(fused(T, rm, rv, **kw), x, w, b, gy, vs)
+                tol = TOL[dtype] if dtype != torch.float64 else dict(rtol=1e-9, atol=1e-9)
+                flat_got = [got[0]] + got[1] + got[2]
+                flat_exp = [exp[0]] + exp[1] + exp[2]
+                for a, e in zip(flat_got, flat_exp):
+                    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+                    torch.testing.assert_close(a.cpu(), e, rtol=tol["rtol"], atol=tol["atol"] * scale)
+                torch.testing.assert_close(rmc.cpu(), rm, **TOL[torch.float32])
+                torch.testing.assert_close(rvc.cpu(), rv, **TOL[torch.float32])
+
+
+@needs_cuda
+@pytest.mark.parametrize("affine", AFFINES)
+@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_cuda_gradcheck_gradgradcheck(affine, leaky, training):
+    T = 2
+    x, w, b, rm, rv = make_case(3, T, 3, 3, 5, affine=affine, device="cuda", seed=67)
+    inputs = _req(x, w, b) if w is not None else _req(x)
+
+    def f(*args):
+        xx, ww, bb = (args + (None, None))[:3]
+        return ops.task_batch_norm(xx, T, ww, bb, rm, rv, step=1, training=training, leaky_relu=leaky,
+                                   update_stats=False)
+
+    assert torch.autograd.gradcheck(f, inputs)
+    assert torch.autograd.gradgradcheck(f, inputs)
+
+
+@needs_cuda
+def test_cuda_layouts_and_determinism():
+    x, w, b, rm, rv = make_case(20, 8, 64, 7, dtype=torch.float32, device="cuda", seed=71)
+    for xx in (x, x.contiguous(memory_format=torch.channels_last), torch.cat([x, x], 1)[:, ::2]):
+        a = OPS.batch_norm(xx, w, b, 8, 1e-5, True)
+        c = OPS.batch_norm(xx, w, b, 8, 1e-5, True)
+        cpu = OPS.batch_norm(xx.cpu(), w.cpu(), b.cpu(), 8, 1e-5, True)
+        for u, v, e in zip(a, c, cpu):
+            assert torch.equal(u, v)
+            torch.testing.assert_close(u.cpu(), e, **TOL[torch.float32])
+    gy = torch.randn_like(x)
+    out, mean, var = OPS.batch_norm(x, w, b, 8, 1e-5, True)
+    r1 = OPS._batch_norm_double_backward(gy, w, b, gy, x, w, out, mean, var, 8, 0, True, 1e-5)
+    r2 = OPS._batch_norm_double_backward(gy, w, b, gy, x, w, out, mean, var, 8, 0, True, 1e-5)
+    assert all(torch.equal(u, v) for u, v in zip(r1, r2))
