@@ -481,31 +481,51 @@ def test_rejects_mixed_devices():
         OPS.batch_norm_eval(x.cuda(), w.cuda(), b.cuda(), rm, rv.cuda(), 2, 0, 1e-5, False)
 
 
-@needs_cuda
-@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: "N{}-T{}-C{}-{}x{}".format(*s, s[-1]))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_matches_cpu(shape, dtype):
-    """Forward, running stats, first and second derivatives: CUDA vs CPU kernels, every variant."""
+# (shape, affine, leaky, training): every variant on two shapes, the MAML one on the others.
+CUDA_CASES = (
+    [((5, 8, 64, 28), a, l, t) for a in AFFINES for l in (False, True) for t in (True, False)]
+    + [((75, 2, 48, 10), a, l, t) for a in AFFINES for l in (False, True) for t in (True, False)]
+    + [(s, "shared", True, True) for s in REAL_SHAPES if s not in ((5, 8, 64, 28), (75, 2, 48, 10))]
+    + [(s, "per_task", False, False) for s in REAL_SHAPES[:4]]
+)
+
+
+def _cuda_vs_cpu(shape, affine, leaky, training, dtype, second_order=True):
     N, T, C, H = shape
-    for affine in AFFINES:
-        for leaky in (False, True):
-            for training in (True, False):
-                x, w, b, rm, rv = make_case(N, T, C, H, affine=affine, dtype=dtype, seed=61)
-                rmc, rvc = rm.cuda(), rv.cuda()
-                gy = torch.randn_like(x)
-                vs = [torch.randn_like(t) for t in (x, w, b) if t is not None]
-                kw = dict(step=2, training=training, leaky_relu=leaky)
-                got = grads_through(fused(T, rmc, rvc, **kw), *[t.cuda() if t is not None else None for t in (x, w, b)],
-                                    gy.cuda(), [v.cuda() for v in vs])
-                exp = grads_through(fused(T, rm, rv, **kw), x, w, b, gy, vs)
-                tol = TOL[dtype] if dtype != torch.float64 else dict(rtol=1e-9, atol=1e-9)
-                flat_got = [got[0]] + got[1] + got[2]
-                flat_exp = [exp[0]] + exp[1] + exp[2]
-                for a, e in zip(flat_got, flat_exp):
-                    scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
-                    torch.testing.assert_close(a.cpu(), e, rtol=tol["rtol"], atol=tol["atol"] * scale)
-                torch.testing.assert_close(rmc.cpu(), rm, **TOL[torch.float32])
-                torch.testing.assert_close(rvc.cpu(), rv, **TOL[torch.float32])
+    x, w, b, rm, rv = make_case(N, T, C, H, affine=affine, dtype=dtype, seed=61)
+    rmc, rvc = rm.cuda(), rv.cuda()
+    gy = torch.randn_like(x)
+    vs = [torch.randn_like(t) for t in (x, w, b) if t is not None]
+    kw = dict(step=2, training=training, leaky_relu=leaky)
+    cuda = lambda t: t.cuda() if t is not None else None  # noqa: E731
+    got = grads_through(fused(T, rmc, rvc, **kw), cuda(x), cuda(w), cuda(b), gy.cuda(), [v.cuda() for v in vs])
+    exp = grads_through(fused(T, rm, rv, **kw), x, w, b, gy, vs)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else TOL[dtype]
+    pairs = list(zip([got[0]] + got[1], [exp[0]] + exp[1]))
+    if second_order:
+        pairs += list(zip(got[2], exp[2]))
+    for a, e in pairs:
+        scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
+        torch.testing.assert_close(a.cpu(), e, rtol=tol["rtol"], atol=tol["atol"] * scale)
+    torch.testing.assert_close(rmc.cpu(), rm, **TOL[torch.float32])
+    torch.testing.assert_close(rvc.cpu(), rv, **TOL[torch.float32])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "N{}-T{}-C{}-{}-{}-{}-{}".format(
+    *c[0], c[1], "leaky" if c[2] else "bn", "train" if c[3] else "eval"))
+def test_cuda_matches_cpu(case, dtype):
+    """Forward, running stats, first and second derivatives: CUDA vs CPU kernels."""
+    _cuda_vs_cpu(*case, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 8, 64, 28), (20, 8, 48, 21)], ids=str)
+@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+def test_cuda_matches_cpu_reduced_precision(shape, leaky, dtype):
+    _cuda_vs_cpu(shape, "shared", leaky, True, dtype, second_order=False)
 
 
 @needs_cuda
