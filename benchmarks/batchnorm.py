@@ -23,6 +23,39 @@ import timing  # benchmarks/ is on sys.path when run as a script or through inne
 PASSES = ("fwd", "fwd+bwd", "fwd+bwd+dbwd")
 
 
+def interleaved_medians(fns: dict, device: torch.device, repeats: int, warmup: int = 2, rounds: int = 5) -> dict:
+    """Median seconds per call of each fn, timed in alternating rounds (fair on a noisy machine).
+
+    Each of ``rounds`` rounds times ``repeats // rounds`` calls of every fn in turn (CUDA: events
+    around each call), so slow drifts of the machine's load hit all fns alike.
+    """
+    import statistics
+    import time
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = {k: [] for k in fns}
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(per_round):
+                if device.type == "cuda":
+                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    a.record()
+                    fn()
+                    b.record()
+                    b.synchronize()
+                    times[k].append(a.elapsed_time(b) / 1e3)
+                else:
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
+    return {k: {"median": statistics.median(v), "min": min(v), "runs": len(v)} for k, v in times.items()}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("batchnorm benchmark")
     g.add_argument("--bn-dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
@@ -94,13 +127,13 @@ def run(args) -> list[dict]:
             for pass_name in PASSES:
                 if args.quick and numel > 10_000_000 and pass_name != "fwd+bwd":
                     continue
-                result = {}
+                calls = {}
                 # One running-statistics table per implementation: both are updated in place.
                 for impl, fn in (("plain", ref.task_batch_norm), ("fused", ops.task_batch_norm)):
                     rm = torch.zeros(5, C, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
                     rv = torch.ones_like(rm)
-                    call = _callable(fn, pass_name, x, w, b, gy, T, leaky, rm, rv)
-                    result[impl] = timing.median_time(call, device, repeats=reps, warmup=2)
+                    calls[impl] = _callable(fn, pass_name, x, w, b, gy, T, leaky, rm, rv)
+                result = interleaved_medians(calls, device, reps)
                 plain_t, fused_t = result["plain"]["median"], result["fused"]["median"]
                 rows.append({
                     "bench": "batchnorm", "case": name, "N": N, "T": T, "C": C, "H": H, "elements": numel,

@@ -4,11 +4,12 @@
 // The unit of work is one (task, channel) group: its M = N*H*W elements are N contiguous spans
 // of H*W values in the NCHW input, and they stay in cache across the two or three passes each
 // op makes over them (statistics or sums, then the elementwise write). Groups run in one
-// at::parallel_for. Per-span sums use eight independent partial sums (vectorisable without
-// reassociating one sum) in opmath, combined in a fixed order and accumulated across spans in
-// float64; affine gradients are folded over tasks after the parallel loop, in task order. So
+// at::parallel_for. Inner loops use explicit 32-byte vectors (GCC vector extensions); per-span
+// sums are vector partial sums in opmath, reduced in a fixed order and accumulated across spans
+// in float64; affine gradients are folded over tasks after the parallel loop, in task order. So
 // every result is independent of the thread count. Per-group functions are compiled for
-// AVX-512, AVX2+FMA and baseline x86-64 and picked at load time (target_clones). The
+// x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and baseline x86-64 and picked at load time by ISA
+// level (target_clones; an arch=<cpu model> clone is never picked on other vendors' CPUs). The
 // arithmetic is in mamlpp/batch_norm.h, shared with the CUDA kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -27,16 +29,17 @@
 #include "mamlpp/batch_norm_checks.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(MAMLPP_NO_CLONES)
-#define MAMLPP_BN_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#define MAMLPP_BN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define MAMLPP_BN_CLONES
 #endif
 #define MAMLPP_INLINE inline __attribute__((always_inline))
+// The 32-byte vector types below are only passed between always-inlined functions.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace mamlpp {
 namespace cpu {
 
-constexpr int kLanes = 8;                  // independent partial sums per reduction
 constexpr int64_t kGrainElements = 32768;  // elements per parallel work item, at least
 
 // Where the elements of group g lie: span n is [(n * groups + g) * inner, ... + inner).
@@ -48,48 +51,127 @@ struct BnLayout {
 };
 
 // ---- span loops --------------------------------------------------------------------------
+//
+// Inner loops are written once, as generic lambdas over a "lane type" L: the 32-byte GCC vector
+// of opmath values (8 floats / 4 doubles: one AVX2 register in the x86-64-v3 clone, two SSE
+// registers in the baseline one) for the body of a float/double span, and the opmath scalar
+// for the tail and for float16/bfloat16 spans. Explicit vectors: the loops vectorise whatever
+// the auto-vectoriser decides about pointer aliasing.
 
-// out[r] = sum over i < n of term(i)[r], in opmath, with kLanes partial sums per r.
-template <int R, typename opmath_t, typename Term>
-MAMLPP_INLINE void span_reduce(int64_t n, const Term& term, opmath_t (&out)[R]) {
-  opmath_t acc[R][kLanes];
-  for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < kLanes; ++j) acc[r][j] = opmath_t(0);
+template <typename T>
+struct Simd {
+  static constexpr int kWidth = 0;  // no vector path (float16/bfloat16: convert per element)
+  using type = T;
+};
+template <>
+struct Simd<float> {
+  static constexpr int kWidth = 8;
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Simd<double> {
+  static constexpr int kWidth = 4;
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename L>
+constexpr bool is_lane_scalar() {
+  return std::is_arithmetic_v<L>;
+}
+
+// Loads / stores one lane type's worth of elements at p (converting to / from opmath).
+template <typename L, typename scalar_t>
+MAMLPP_INLINE L load(const scalar_t* p) {
+  if constexpr (is_lane_scalar<L>()) {
+    return static_cast<L>(*p);
+  } else {
+    L v;
+    std::memcpy(&v, p, sizeof(L));
+    return v;
   }
+}
+template <typename L, typename scalar_t>
+MAMLPP_INLINE void store(scalar_t* p, L v) {
+  if constexpr (is_lane_scalar<L>()) {
+    *p = static_cast<scalar_t>(v);
+  } else {
+    std::memcpy(p, &v, sizeof(L));
+  }
+}
+template <typename L, typename T>
+MAMLPP_INLINE L splat(T s) {
+  if constexpr (is_lane_scalar<L>()) {
+    return static_cast<L>(s);
+  } else {
+    using elem_t = std::remove_cv_t<std::remove_reference_t<decltype(L{}[0])>>;
+    return L{} + static_cast<elem_t>(s);
+  }
+}
+// Lane-wise c ? a : b (c: a comparison of lane types).
+template <typename C, typename L>
+MAMLPP_INLINE L select(C c, L a, L b) {
+  return c ? a : b;
+}
+template <typename L>
+MAMLPP_INLINE L leaky(L z) {
+  const L scaled = z * splat<L>(kBnLeakySlope);
+  return select(z > scaled, z, scaled);
+}
+template <typename L>
+MAMLPP_INLINE L leaky_slope(L out) {
+  return select(out > splat<L>(0), splat<L>(1), splat<L>(kBnLeakySlope));
+}
+
+// Horizontal sum of a vector in a fixed order.
+template <typename V>
+MAMLPP_INLINE auto hsum(V v) {
+  constexpr int w = sizeof(V) / sizeof(v[0]);
+  auto s0 = v[0] + v[1];
+  auto s1 = v[2] + v[3];
+  if constexpr (w == 8) {
+    s0 += v[4] + v[5];
+    s1 += v[6] + v[7];
+  }
+  return s0 + s1;
+}
+
+// body(i, L{}) for the lanes of a span of n elements: vectors of the opmath type, then scalars.
+template <typename scalar_t, typename Body>
+MAMLPP_INLINE void span_for(int64_t n, const Body& body) {
+  using opmath_t = at::opmath_type<scalar_t>;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      opmath_t v[R];
-      term(i + j, v);
-      for (int r = 0; r < R; ++r) acc[r][j] += v[r];
+  if constexpr (Simd<scalar_t>::kWidth > 0) {
+    constexpr int w = Simd<scalar_t>::kWidth;
+    for (; i + w <= n; i += w) body(i, typename Simd<scalar_t>::type{});
+  }
+  for (; i < n; ++i) body(i, opmath_t{});
+}
+
+// out[r] += sum over the span of term(i, v)[r]: term fills v (an array of R lane values).
+template <int R, typename scalar_t, typename Term>
+MAMLPP_INLINE void span_sums(int64_t n, const Term& term, double (&out)[R]) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = opmath_t(0);
+  int64_t i = 0;
+  if constexpr (Simd<scalar_t>::kWidth > 0) {
+    using V = typename Simd<scalar_t>::type;
+    constexpr int w = Simd<scalar_t>::kWidth;
+    V vacc[R];
+    for (int r = 0; r < R; ++r) vacc[r] = V{};
+    for (; i + w <= n; i += w) {
+      V v[R];
+      term(i, v);
+      for (int r = 0; r < R; ++r) vacc[r] += v[r];
     }
+    for (int r = 0; r < R; ++r) acc[r] = hsum(vacc[r]);
   }
   for (; i < n; ++i) {
     opmath_t v[R];
     term(i, v);
-    for (int r = 0; r < R; ++r) acc[r][0] += v[r];
+    for (int r = 0; r < R; ++r) acc[r] += v[r];
   }
-  for (int r = 0; r < R; ++r) {
-    out[r] = ((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3])) +
-             ((acc[r][4] + acc[r][5]) + (acc[r][6] + acc[r][7]));
-  }
-}
-
-// Sums over all spans of group g, accumulated across spans in float64.
-template <int R, typename opmath_t, typename Term>
-MAMLPP_INLINE void group_reduce(const BnLayout& L, int64_t g, const Term& term, double (&out)[R]) {
-  for (int r = 0; r < R; ++r) out[r] = 0.0;
-  for (int64_t n = 0; n < L.batch; ++n) {
-    const int64_t base = L.span(n, g);
-    opmath_t s[R];
-    span_reduce<R, opmath_t>(L.inner, [&](int64_t i, opmath_t (&v)[R]) { term(base + i, v); }, s);
-    for (int r = 0; r < R; ++r) out[r] += static_cast<double>(s[r]);
-  }
-}
-
-template <typename scalar_t>
-MAMLPP_INLINE at::opmath_type<scalar_t> ld(const scalar_t* p, int64_t i) {
-  return static_cast<at::opmath_type<scalar_t>>(p[i]);
+  for (int r = 0; r < R; ++r) out[r] += static_cast<double>(acc[r]);
 }
 
 // ---- per-group work ----------------------------------------------------------------------
@@ -97,20 +179,31 @@ MAMLPP_INLINE at::opmath_type<scalar_t> ld(const scalar_t* p, int64_t i) {
 // Forward of group g. training: computes mean and biased var (two passes) into *mean, *var;
 // otherwise reads them. Then writes out = act(x * scale + shift).
 template <typename scalar_t, bool kLeaky>
-MAMLPP_BN_CLONES void forward_group(scalar_t* __restrict out, const scalar_t* __restrict x,
-                                    BnLayout L, int64_t g, bool training, double eps,
-                                    double gamma, double beta, double* mean, double* var) {
+MAMLPP_BN_CLONES void forward_group(scalar_t* out, const scalar_t* x, BnLayout L, int64_t g,
+                                    bool training, double eps, double gamma, double beta,
+                                    double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t m = L.batch * L.inner;
   if (training) {
-    double s[1];
-    group_reduce<1, opmath_t>(L, g, [&](int64_t i, opmath_t (&v)[1]) { v[0] = ld(x, i); }, s);
+    double s[1] = {0.0};
+    for (int64_t n = 0; n < L.batch; ++n) {
+      const scalar_t* xs = x + L.span(n, g);
+      span_sums<1, scalar_t>(L.inner, [&](int64_t i, auto& v) {
+        using Lane = std::remove_reference_t<decltype(v[0])>;
+        v[0] = load<Lane>(xs + i);
+      }, s);
+    }
     *mean = m > 0 ? s[0] / static_cast<double>(m) : 0.0;
     const auto mu = static_cast<opmath_t>(*mean);
-    group_reduce<1, opmath_t>(L, g, [&](int64_t i, opmath_t (&v)[1]) {
-      const opmath_t d = ld(x, i) - mu;
-      v[0] = d * d;
-    }, s);
+    s[0] = 0.0;
+    for (int64_t n = 0; n < L.batch; ++n) {
+      const scalar_t* xs = x + L.span(n, g);
+      span_sums<1, scalar_t>(L.inner, [&](int64_t i, auto& v) {
+        using Lane = std::remove_reference_t<decltype(v[0])>;
+        const Lane d = load<Lane>(xs + i) - splat<Lane>(mu);
+        v[0] = d * d;
+      }, s);
+    }
     *var = m > 0 ? s[0] / static_cast<double>(m) : 0.0;
   }
   const auto k = bn_forward_coeffs<double>(*mean, bn_invstd<double>(*var, eps), gamma, beta);
@@ -118,30 +211,50 @@ MAMLPP_BN_CLONES void forward_group(scalar_t* __restrict out, const scalar_t* __
   const auto shift = static_cast<opmath_t>(k.shift);
   for (int64_t n = 0; n < L.batch; ++n) {
     const int64_t base = L.span(n, g);
-    scalar_t* __restrict o = out + base;
-    const scalar_t* __restrict xi = x + base;
-    for (int64_t i = 0; i < L.inner; ++i) {
-      const opmath_t z = ld(xi, i) * scale + shift;
-      o[i] = static_cast<scalar_t>(kLeaky ? bn_leaky(z) : z);
-    }
+    scalar_t* o = out + base;
+    const scalar_t* xs = x + base;
+    span_for<scalar_t>(L.inner, [&](int64_t i, auto lane) {
+      using Lane = decltype(lane);
+      const Lane z = load<Lane>(xs + i) * splat<Lane>(scale) + splat<Lane>(shift);
+      if constexpr (kLeaky) {
+        store(o + i, leaky(z));
+      } else {
+        store(o + i, z);
+      }
+    });
   }
 }
 
-// Backward of group g: dx = ku * u + kx * x + k0 with u = dy * slope(out). Returns (S1, S2),
-// this group's share of (dbeta, dgamma).
+// u = dy * (slope of the fused activation, read from the output's sign).
+template <bool kLeaky, typename Lane, typename scalar_t>
+MAMLPP_INLINE Lane load_u(const scalar_t* dy, const scalar_t* y, int64_t i) {
+  if constexpr (kLeaky) {
+    return load<Lane>(dy + i) * leaky_slope(load<Lane>(y + i));
+  } else {
+    return load<Lane>(dy + i);
+  }
+}
+
+// Backward of group g: dx = ku * u + kx * x + k0. Returns (S1, S2), this group's share of
+// (dbeta, dgamma).
 template <typename scalar_t, bool kLeaky>
-MAMLPP_BN_CLONES void backward_group(scalar_t* __restrict dx, const scalar_t* __restrict dy,
-                                     const scalar_t* __restrict x, const scalar_t* __restrict y,
-                                     BnLayout L, int64_t g, bool training, double mean,
-                                     double invstd, double gamma, double* s1, double* s2) {
+MAMLPP_BN_CLONES void backward_group(scalar_t* dx, const scalar_t* dy, const scalar_t* x,
+                                     const scalar_t* y, BnLayout L, int64_t g, bool training,
+                                     double mean, double invstd, double gamma, double* s1,
+                                     double* s2) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto mu = static_cast<opmath_t>(mean);
-  double s[2];
-  group_reduce<2, opmath_t>(L, g, [&](int64_t i, opmath_t (&v)[2]) {
-    const opmath_t u = kLeaky ? ld(dy, i) * bn_leaky_slope(ld(y, i)) : ld(dy, i);
-    v[0] = u;
-    v[1] = u * (ld(x, i) - mu);
-  }, s);
+  double s[2] = {0.0, 0.0};
+  for (int64_t n = 0; n < L.batch; ++n) {
+    const int64_t base = L.span(n, g);
+    const scalar_t *dys = dy + base, *xs = x + base, *ys = kLeaky ? y + base : nullptr;
+    span_sums<2, scalar_t>(L.inner, [&](int64_t i, auto& v) {
+      using Lane = std::remove_reference_t<decltype(v[0])>;
+      const Lane u = load_u<kLeaky, Lane>(dys, ys, i);
+      v[0] = u;
+      v[1] = u * (load<Lane>(xs + i) - splat<Lane>(mu));
+    }, s);
+  }
   *s1 = s[0];
   *s2 = invstd * s[1];
   const auto k = bn_backward_coeffs<double>(mean, invstd, gamma, s[0], s[1],
@@ -151,50 +264,55 @@ MAMLPP_BN_CLONES void backward_group(scalar_t* __restrict dx, const scalar_t* __
   const auto k0 = static_cast<opmath_t>(k.k0);
   for (int64_t n = 0; n < L.batch; ++n) {
     const int64_t base = L.span(n, g);
-    scalar_t* __restrict o = dx + base;
-    const scalar_t* __restrict gi = dy + base;
-    const scalar_t* __restrict xi = x + base;
-    const scalar_t* __restrict yi = kLeaky ? y + base : nullptr;
-    for (int64_t i = 0; i < L.inner; ++i) {
-      const opmath_t u = kLeaky ? ld(gi, i) * bn_leaky_slope(ld(yi, i)) : ld(gi, i);
-      o[i] = static_cast<scalar_t>(ku * u + kx * ld(xi, i) + k0);
-    }
+    scalar_t* o = dx + base;
+    const scalar_t *dys = dy + base, *xs = x + base, *ys = kLeaky ? y + base : nullptr;
+    span_for<scalar_t>(L.inner, [&](int64_t i, auto lane) {
+      using Lane = decltype(lane);
+      const Lane u = load_u<kLeaky, Lane>(dys, ys, i);
+      store(o + i, u * splat<Lane>(ku) + load<Lane>(xs + i) * splat<Lane>(kx) + splat<Lane>(k0));
+    });
   }
 }
 
 // Double backward of group g (see NOTE [Task-batched batch norm]). ggx: the upstream gradient
 // of dx (absent when !kHasGx, i.e. zero). Returns this group's share of grad_weight.
 template <typename scalar_t, bool kLeaky, bool kHasGx>
-MAMLPP_BN_CLONES void double_backward_group(
-    scalar_t* __restrict grad_dy, scalar_t* __restrict grad_x, const scalar_t* __restrict ggx,
-    const scalar_t* __restrict dy, const scalar_t* __restrict x, const scalar_t* __restrict y,
-    BnLayout L, int64_t g, bool training, double mean, double invstd, double gamma,
-    double ggamma, double gbeta, double* dgamma) {
+MAMLPP_BN_CLONES void double_backward_group(scalar_t* grad_dy, scalar_t* grad_x,
+                                            const scalar_t* ggx, const scalar_t* dy,
+                                            const scalar_t* x, const scalar_t* y, BnLayout L,
+                                            int64_t g, bool training, double mean, double invstd,
+                                            double gamma, double ggamma, double gbeta,
+                                            double* dgamma) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto mu = static_cast<opmath_t>(mean);
   BnDoubleBackwardSums<double> sums{0, 0, 0, 0, 0};
-  if (kHasGx) {
-    double s[5];
-    group_reduce<5, opmath_t>(L, g, [&](int64_t i, opmath_t (&v)[5]) {
-      const opmath_t u = kLeaky ? ld(dy, i) * bn_leaky_slope(ld(y, i)) : ld(dy, i);
-      const opmath_t d = ld(x, i) - mu;
-      const opmath_t gx = ld(ggx, i);
+  constexpr int R = kHasGx ? 5 : 2;
+  double s[R];
+  for (int r = 0; r < R; ++r) s[r] = 0.0;
+  for (int64_t n = 0; n < L.batch; ++n) {
+    const int64_t base = L.span(n, g);
+    const scalar_t *dys = dy + base, *xs = x + base, *ys = kLeaky ? y + base : nullptr;
+    const scalar_t* gs = kHasGx ? ggx + base : nullptr;
+    span_sums<R, scalar_t>(L.inner, [&](int64_t i, auto& v) {
+      using Lane = std::remove_reference_t<decltype(v[0])>;
+      const Lane u = load_u<kLeaky, Lane>(dys, ys, i);
+      const Lane d = load<Lane>(xs + i) - splat<Lane>(mu);
       v[0] = u;
       v[1] = u * d;
-      v[2] = gx;
-      v[3] = gx * d;
-      v[4] = gx * u;
+      if constexpr (kHasGx) {
+        const Lane gx = load<Lane>(gs + i);
+        v[2] = gx;
+        v[3] = gx * d;
+        v[4] = gx * u;
+      }
     }, s);
-    sums = {s[0], s[1], s[2], s[3], s[4]};
-  } else {
-    double s[2];
-    group_reduce<2, opmath_t>(L, g, [&](int64_t i, opmath_t (&v)[2]) {
-      const opmath_t u = kLeaky ? ld(dy, i) * bn_leaky_slope(ld(y, i)) : ld(dy, i);
-      v[0] = u;
-      v[1] = u * (ld(x, i) - mu);
-    }, s);
-    sums.s1 = s[0];
-    sums.sud = s[1];
+  }
+  sums.s1 = s[0];
+  sums.sud = s[1];
+  if constexpr (kHasGx) {
+    sums.sg = s[2];
+    sums.sgd = s[3];
+    sums.a = s[4];
   }
   const auto k = bn_double_backward_coeffs<double>(mean, invstd, gamma, ggamma, gbeta, sums,
                                                    L.batch * L.inner, training);
@@ -205,20 +323,20 @@ MAMLPP_BN_CLONES void double_backward_group(
              qx = static_cast<opmath_t>(k.qx), q0 = static_cast<opmath_t>(k.q0);
   for (int64_t n = 0; n < L.batch; ++n) {
     const int64_t base = L.span(n, g);
-    scalar_t* __restrict o_dy = grad_dy + base;
-    scalar_t* __restrict o_x = grad_x + base;
-    const scalar_t* __restrict gi = dy + base;
-    const scalar_t* __restrict xi = x + base;
-    const scalar_t* __restrict yi = kLeaky ? y + base : nullptr;
-    const scalar_t* __restrict gg = kHasGx ? ggx + base : nullptr;
-    for (int64_t i = 0; i < L.inner; ++i) {
-      const opmath_t a = kLeaky ? bn_leaky_slope(ld(yi, i)) : opmath_t(1);
-      const opmath_t u = ld(gi, i) * a;
-      const opmath_t xv = ld(xi, i);
-      const opmath_t gx = kHasGx ? ld(gg, i) : opmath_t(0);
-      o_dy[i] = static_cast<scalar_t>(a * (p1 * gx + p2 * xv + p0));
-      o_x[i] = static_cast<scalar_t>(qu * u + qg * gx + qx * xv + q0);
-    }
+    scalar_t* o_dy = grad_dy + base;
+    scalar_t* o_x = grad_x + base;
+    const scalar_t *dys = dy + base, *xs = x + base, *ys = kLeaky ? y + base : nullptr;
+    const scalar_t* gs = kHasGx ? ggx + base : nullptr;
+    span_for<scalar_t>(L.inner, [&](int64_t i, auto lane) {
+      using Lane = decltype(lane);
+      const Lane a = kLeaky ? leaky_slope(load<Lane>(ys + i)) : splat<Lane>(1);
+      const Lane u = load<Lane>(dys + i) * a;
+      const Lane xv = load<Lane>(xs + i);
+      const Lane gx = kHasGx ? load<Lane>(gs + i) : splat<Lane>(0);
+      store(o_dy + i, a * (gx * splat<Lane>(p1) + xv * splat<Lane>(p2) + splat<Lane>(p0)));
+      store(o_x + i, u * splat<Lane>(qu) + gx * splat<Lane>(qg) + xv * splat<Lane>(qx) +
+                         splat<Lane>(q0));
+    });
   }
 }
 

@@ -55,9 +55,12 @@ C10_HOST_DEVICE inline T bn_invstd(T var, T eps) {
 }
 
 // The fused activation and its (piecewise constant) derivative, read from the output's sign.
+// (Written as a select between z and slope * z, which is max(z, slope * z) for 0 < slope < 1,
+// so the CPU loops vectorise it without a branch.)
 template <typename T>
 C10_HOST_DEVICE inline T bn_leaky(T z) {
-  return z > T(0) ? z : z * static_cast<T>(kBnLeakySlope);
+  const T scaled = z * static_cast<T>(kBnLeakySlope);
+  return z > scaled ? z : scaled;
 }
 template <typename T>
 C10_HOST_DEVICE inline T bn_leaky_slope(T out) {
