@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
                    help="dtype of the activations (default float32)")
     g.add_argument("--bn-no-large", action="store_true", help="skip the large (N=256, 56x56) shape")
+    g.add_argument("--bn-threads", type=int, default=None,
+                   help="CPU threads for both paths (torch.set_num_threads; default: torch's)")
 
 
 def cases(include_large: bool = True):
@@ -117,6 +119,8 @@ def run(args) -> list[dict]:
 
     device = torch.device(args.device)
     dtype = getattr(torch, getattr(args, "bn_dtype", "float32"))
+    if getattr(args, "bn_threads", None):
+        torch.set_num_threads(args.bn_threads)
     repeats = 10 if args.quick else 50
     rows = []
     for name, N, T, C, H in cases(not getattr(args, "bn_no_large", False)):
@@ -139,7 +143,7 @@ def run(args) -> list[dict]:
                     "bench": "batchnorm", "case": name, "N": N, "T": T, "C": C, "H": H, "elements": numel,
                     "leaky_relu": leaky, "pass": pass_name, "device": str(device), "dtype": str(dtype).split(".")[-1],
                     "plain_ms": plain_t * 1e3, "fused_ms": fused_t * 1e3, "speedup": plain_t / fused_t,
-                    "runs": result["fused"]["runs"],
+                    "runs": result["fused"]["runs"], "threads": torch.get_num_threads(),
                 })
     return rows
 
