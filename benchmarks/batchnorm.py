@@ -65,6 +65,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads for both paths (torch.set_num_threads; default: torch's)")
 
 
+def fused_bytes(numel: int, elem_size: int, pass_name: str, leaky: bool) -> int | None:
+    """Minimum memory traffic of the fused kernels, for the bandwidth column (None: not modelled).
+
+    fwd: read x for the statistics, read x and write out; backward: read dy and x (and out with
+    the activation) for the sums and again for dx, write dx.
+    """
+    fwd = 3
+    bwd = 5 + (2 if leaky else 0)
+    per = {"fwd": fwd, "fwd+bwd": fwd + bwd}.get(pass_name)
+    return None if per is None else per * numel * elem_size
+
+
+def copy_bandwidth(device: torch.device, numel: int, repeats: int = 5) -> float:
+    """Device copy bandwidth in GB/s (read + write) of a float32 tensor of numel elements."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    t = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, repeats, rounds=1)["copy"]["median"]
+    return 2 * numel * 4 / t / 1e9
+
+
 def cases(include_large: bool = True):
     """(name, N, T, C, H) of every benchmark shape."""
     out = []
@@ -139,18 +159,27 @@ def run(args) -> list[dict]:
                     calls[impl] = _callable(fn, pass_name, x, w, b, gy, T, leaky, rm, rv)
                 result = interleaved_medians(calls, device, reps)
                 plain_t, fused_t = result["plain"]["median"], result["fused"]["median"]
+                moved = fused_bytes(numel, x.element_size(), pass_name, leaky)
                 rows.append({
+                    "fused_GBps": None if moved is None else moved / fused_t / 1e9,
                     "bench": "batchnorm", "case": name, "N": N, "T": T, "C": C, "H": H, "elements": numel,
                     "leaky_relu": leaky, "pass": pass_name, "device": str(device), "dtype": str(dtype).split(".")[-1],
                     "plain_ms": plain_t * 1e3, "fused_ms": fused_t * 1e3, "speedup": plain_t / fused_t,
                     "runs": result["fused"]["runs"], "threads": torch.get_num_threads(),
                 })
+    if rows:
+        largest = max(r["elements"] for r in rows)
+        bw = copy_bandwidth(device, largest, repeats=3 if args.quick else 10)
+        for r in rows:
+            r["copy_GBps"] = bw
+            r["pct_of_copy_bw"] = None if r["fused_GBps"] is None else 100 * r["fused_GBps"] / bw
     return rows
 
 
 COLUMNS = [("case", "case", ""), ("N", "N", "d"), ("T", "T", "d"), ("leaky_relu", "act", ""),
            ("pass", "pass", ""), ("plain_ms", "plain ms", ".3f"), ("fused_ms", "fused ms", ".3f"),
-           ("speedup", "speed-up", ".2f")]
+           ("speedup", "speed-up", ".2f"), ("fused_GBps", "fused GB/s", ".1f"),
+           ("pct_of_copy_bw", "% copy BW", ".0f")]
 
 
 def main(argv=None):

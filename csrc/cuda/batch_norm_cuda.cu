@@ -382,11 +382,12 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// The 32-bit indexing of the kernels: per-tensor element counts below 2^32.
+// The 32-bit indexing of the kernels (grid-stride loops included, which step past numel):
+// per-tensor element counts below 2^31.
 void check_index_range(const char* op, const at::Tensor& input) {
-  TORCH_CHECK(input.numel() <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max()), op,
+  TORCH_CHECK(input.numel() <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()), op,
               ": the CUDA kernels index with 32 bits; input has ", input.numel(),
-              " elements (at most 2^32 - 1 supported)");
+              " elements (at most 2^31 - 1 supported)");
 }
 
 // Chunks per group of the reduction grid, and the ReduceGeom.
