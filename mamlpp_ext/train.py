@@ -351,7 +351,7 @@ class Trainer:
             msg = (f"epoch {epoch + 1}/{E}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
                    f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} ± {val['ci95']:.4f} | "
                    f"{row['steps_per_second'] or 0:.2f} steps/s")
-            if self.progress:
+            if self.progress or self.log_every:
                 print(msg, file=sys.stderr, flush=True)
             if self._stop is not None:
                 return self._interrupt()
