@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # noqa: E402
 
 CASES = ("omniglot-5way-1shot", "omniglot-20way-1shot", "mini-imagenet-5way-1shot")
+QUICK_CASES = ("omniglot-5way-1shot", "omniglot-20way-1shot")
 BACKENDS = ("sequential", "batched", "fused")
 COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("tasks", "T", "d"),
            ("median_s", "median s/step", ".4f"), ("iqr_s", "iqr s", ".4f"), ("runs", "runs", "d"),
@@ -40,8 +41,9 @@ COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("tasks", "T", "d
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of this benchmark (the driver adds --device, --quick and --json)."""
     g = parser.add_argument_group("meta-step benchmark")
-    g.add_argument("--meta-step-cases", default=",".join(CASES),
-                   help=f"comma-separated presets to time (default: {','.join(CASES)})")
+    g.add_argument("--meta-step-cases", default=None,
+                   help=f"comma-separated presets to time (default: {','.join(CASES)}; with --quick "
+                        f"{','.join(QUICK_CASES)}, since a mini-ImageNet step takes tens of seconds on a 2-core CPU)")
     g.add_argument("--meta-step-backends", default=",".join(BACKENDS),
                    help="comma-separated backends (default: all; fused is skipped without the extension)")
     g.add_argument("--meta-step-dtype", default="float32", choices=["float32", "float64"],
@@ -73,7 +75,8 @@ def run(args) -> list[dict]:
 
     device = torch.device(args.device)
     dtype = getattr(torch, getattr(args, "meta_step_dtype", "float32"))
-    cases = [c for c in getattr(args, "meta_step_cases", ",".join(CASES)).split(",") if c]
+    cases_arg = getattr(args, "meta_step_cases", None) or ",".join(QUICK_CASES if args.quick else CASES)
+    cases = [c for c in cases_arg.split(",") if c]
     backends = [b for b in getattr(args, "meta_step_backends", ",".join(BACKENDS)).split(",") if b]
     for b in backends:
         if b not in BACKENDS:

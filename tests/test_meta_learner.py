@@ -30,6 +30,16 @@ SHAPES = {
 }
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These nets are tiny: one thread is as fast, and immune to OpenMP spin-waiting when other
+    processes share the cores (which slowed this file down 20x on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_config(shape="omniglot", **kw) -> MAMLConfig:
     base = dict(SHAPES[shape], meta_batch=3, inner_steps=3, eval_inner_steps=3, msl_epochs=4, total_epochs=20,
                 seed=0)

@@ -13,6 +13,15 @@ from mamlpp_ext.network import VGGNet, aten_batch_norm
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Tiny tensors: one thread is as fast and immune to OpenMP spin-waiting on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_spec_sizes():
     om = VGGNet.from_config(from_preset("omniglot-20way-1shot"))
     assert om.feature_size == 64 and len(om.weight_shapes) == 10

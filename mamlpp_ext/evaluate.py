@@ -1,0 +1,195 @@
+"""Evaluation command of mamlpp_ext: ``mamlpp-eval`` / ``python -m mamlpp_ext.evaluate``.
+
+Scores one checkpoint, or an ensemble of checkpoints (by default the top-k validation
+checkpoints of a run folder, ``ensemble_top_k`` of its config; SPEC §4), on the fixed test
+tasks (600 by default): the ensemble predicts the argmax of the members' query logits
+averaged. Reports the mean task accuracy with its 95% confidence interval, 1.96·std/√n over
+the tasks, each member's own accuracy, and optionally Lake et al.'s original 20-way one-shot
+benchmark (``all_runs.zip``; for 20-way 1-shot models trained on the ``lake`` split). Writes a
+JSON report. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from . import _training_common as C
+from .meta_learner import BACKENDS, MAMLPlusPlus
+
+__all__ = ["resolve_members", "load_members", "evaluate_checkpoints", "one_shot_benchmark", "main"]
+
+_SHAPE_FIELDS = ("ways", "shots", "queries", "image_channels", "image_height", "image_width", "dataset")
+
+
+def resolve_members(paths: Sequence[str | Path], top_k: Optional[int] = None) -> list[Path]:
+    """Checkpoint files to evaluate: a file is itself; a run folder gives its best ``top_k``
+    epoch checkpoints (from ``checkpoints/best.json``; default its config's ``ensemble_top_k``)."""
+    if not paths:
+        raise ValueError("give at least one checkpoint file or run folder")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            index = p / "checkpoints" / "best.json"
+            if not index.is_file():
+                raise FileNotFoundError(f"run folder {p} has no {index.relative_to(p)} (no finished epoch yet?)")
+            best = json.loads(index.read_text())
+            k = top_k
+            if k is None:
+                k = C.load_checkpoint(p / "checkpoints" / best[0]["path"])["config"]["ensemble_top_k"]
+            out += [p / "checkpoints" / b["path"] for b in best[:k]]
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"checkpoint or run folder {p} does not exist")
+    return out
+
+
+def load_members(paths: Sequence[Path], backend: Optional[str] = None, device=None) -> tuple[list, list[dict]]:
+    """``(learners, checkpoints)`` for the given files; the task shapes must agree."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"--backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    ckpts = [C.load_checkpoint(p) for p in paths]
+    ref = ckpts[0]["config"]
+    for p, c in zip(paths[1:], ckpts[1:]):
+        diff = [f for f in _SHAPE_FIELDS if c["config"][f] != ref[f]]
+        if diff:
+            raise ValueError(f"cannot ensemble {paths[0]} and {p}: they differ in {diff}")
+    learners = [MAMLPlusPlus.from_state_dict(c["learner"], backend=backend or c["backend"], device=device)
+                for c in ckpts]
+    return learners, ckpts
+
+
+def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_tasks: int = 600,
+                         batch_size: Optional[int] = None, backend: Optional[str] = None, device=None,
+                         data: Optional[C.DataOptions] = None, pools: Optional[dict] = None,
+                         progress: bool = False, learners=None, ckpts=None) -> dict:
+    """Score the ensemble of ``paths`` on ``num_tasks`` fixed tasks of ``split_set`` ("test" or
+    "val"). ``data`` defaults to the first checkpoint's data options; ``pools`` skips loading.
+    Returns ``score_tasks``' dict plus ``split`` and ``seconds``."""
+    if split_set not in ("test", "val"):
+        raise ValueError(f"--split-set must be 'test' or 'val', got {split_set!r}")
+    if learners is None:
+        learners, ckpts = load_members(paths, backend, device)
+    cfg = learners[0].config
+    data = data or C.DataOptions.from_dict(ckpts[0]["data"])
+    pools = pools if pools is not None else C.load_pools(cfg, data)
+    ds = C.eval_dataset(pools[split_set], cfg, data, num_tasks, batch_size or cfg.meta_batch)
+    t0 = time.perf_counter()
+    res = C.score_tasks(learners, ds, progress=progress, desc=f"{split_set} ({len(learners)} model(s))")
+    res.update(split=split_set, seconds=round(time.perf_counter() - t0, 3))
+    return res
+
+
+def one_shot_benchmark(learners: Sequence[MAMLPlusPlus], root=None) -> dict:
+    """Lake et al.'s 20 runs of 20-way 1-shot, predicted by the ensemble's averaged logits."""
+    from .data import evaluate_one_shot, load_one_shot_runs
+
+    cfg = learners[0].config
+    if cfg.ways != 20 or cfg.shots != 1 or cfg.dataset != "omniglot":
+        raise ValueError(f"--one-shot: the benchmark is Omniglot 20-way 1-shot, but the model is {cfg.dataset} "
+                         f"{cfg.ways}-way {cfg.shots}-shot (train e.g. --preset omniglot-20way-1shot --split lake)")
+    runs = load_one_shot_runs(root, size=cfg.image_height)
+
+    def predict(sx, sy, qx):
+        total = None
+        for lrn in learners:
+            logits = lrn.evaluate(sx[None], sy[None], qx[None])["logits"][0].float().cpu()
+            total = logits if total is None else total + logits
+        return total
+
+    return evaluate_one_shot(predict, runs)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mamlpp-eval",
+                                description="Test accuracy (± 95% CI) of a MAML++ checkpoint or an ensemble of them.")
+    p.add_argument("paths", nargs="+", help="checkpoint files and/or run folders (a folder gives its top-k)")
+    p.add_argument("--top-k", type=int, help="checkpoints taken from each run folder (default: config ensemble_top_k)")
+    p.add_argument("--split-set", default="test", choices=("test", "val"), help="which fixed tasks (default test)")
+    p.add_argument("--tasks", type=int, default=600, help="number of fixed tasks (default 600)")
+    p.add_argument("--eval-batch-size", type=int, help="tasks per batch (default: meta_batch)")
+    p.add_argument("--eval-seed", type=int, help="seed of the fixed tasks (default: the run's)")
+    p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dataset-root", help="dataset folder (default: the run's)")
+    p.add_argument("--cache-dir", help="preprocessing cache folder")
+    p.add_argument("--one-shot", action="store_true", help="also run the all_runs.zip 20-way one-shot benchmark")
+    p.add_argument("--one-shot-only", action="store_true", help="run only the one-shot benchmark")
+    p.add_argument("--output", help="JSON report path (default: <run folder>/eval-<split-set>.json, or ./eval.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.tasks < 1:
+            raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
+        if args.eval_batch_size is not None and args.eval_batch_size < 1:
+            raise ValueError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+        if args.dataset_root is not None and not Path(args.dataset_root).exists():
+            raise ValueError(f"--dataset-root: {args.dataset_root} does not exist")
+        from .train import _check_device
+
+        device = _check_device(args.device)
+        paths = resolve_members(args.paths, args.top_k)
+        learners, ckpts = load_members(paths, args.backend, device)
+        data = C.DataOptions.from_dict(ckpts[0]["data"])
+        if args.dataset_root:
+            data.root = args.dataset_root
+        if args.cache_dir:
+            data.cache_dir = args.cache_dir
+        if args.eval_seed is not None:
+            data.eval_seed = args.eval_seed
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    cfg = learners[0].config
+    report: dict = {"members": [{"path": str(p), "epoch": c["epoch"] - 1 if c.get("val") else None,
+                                 "iteration": c["iteration"], "val_accuracy": (c.get("val") or {}).get("accuracy")}
+                                for p, c in zip(paths, ckpts)],
+                    "ensemble_size": len(paths), "config": cfg.to_dict(), "data": data.to_dict(),
+                    "backend": learners[0].backend, "device": str(device)}
+    t0 = time.perf_counter()
+    try:
+        if not args.one_shot_only:
+            res = evaluate_checkpoints(paths, split_set=args.split_set, num_tasks=args.tasks,
+                                       batch_size=args.eval_batch_size, data=data, progress=not args.no_progress,
+                                       learners=learners, ckpts=ckpts)
+            report[args.split_set] = res
+            print(f"{args.split_set}: accuracy {100 * res['accuracy']:.2f}% ± {100 * res['ci95']:.2f}% "
+                  f"(95% CI over {res['num_tasks']} tasks, {len(paths)} model(s); members "
+                  f"{', '.join(f'{100 * a:.2f}%' for a in res['member_accuracies'])})", flush=True)
+        if args.one_shot or args.one_shot_only:
+            if data.split != "lake":
+                print("warning: the one-shot benchmark's characters come from the evaluation alphabets; with the "
+                      f"{data.split!r} split the model may have trained on them", file=sys.stderr)
+            os_res = one_shot_benchmark(learners, data.root)
+            report["one_shot"] = os_res
+            print(f"one-shot benchmark: accuracy {100 * os_res['accuracy']:.2f}% (error {100 * os_res['error']:.2f}%, "
+                  f"{len(os_res['runs'])} runs)", flush=True)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    if args.output:
+        out = Path(args.output)
+    elif len(args.paths) == 1 and Path(args.paths[0]).is_dir():
+        out = Path(args.paths[0]) / f"eval-{args.split_set}.json"
+    else:
+        out = Path("eval.json")
+    C.atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print(f"report written to {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
