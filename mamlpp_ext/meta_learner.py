@@ -16,7 +16,8 @@ Backends (same algorithm, same state, same results up to float rounding):
   channels, the head is a batched matmul, BN is one ATen batch norm over T·C
   channels. The update is ``reference.lslr_update``.
 * ``"fused"``: the batched algorithm with the compiled
-  ``mamlpp_ext.ops.lslr_update`` as the inner-loop update (needs the extension).
+  ``mamlpp_ext.ops.lslr_update`` as the inner-loop update and the compiled per-step batch
+  norm (``network.fused_batch_norm``) (needs the extension).
 
 The two swap points are ``self._update`` (inner-loop parameter update, the
 signature of ``reference.lslr_update``) and ``self.net.batch_norm`` (the BN
@@ -63,7 +64,7 @@ from torch import Tensor
 
 from . import reference
 from .config import MAMLConfig, from_preset
-from .network import VGGNet, aten_batch_norm
+from .network import VGGNet, aten_batch_norm, fused_batch_norm
 from .schedules import loss_weights, meta_lr_at, use_second_order
 
 __all__ = ["MAMLPlusPlus", "BACKENDS"]
@@ -120,9 +121,8 @@ class MAMLPlusPlus:
             from . import ops
 
             self._update = ops.lslr_update
-            # Swap point for the compiled per-step batch norm (not yet available): assign a function
-            # with the signature of network.aten_batch_norm that wraps the compiled op.
-            self.net.batch_norm = aten_batch_norm
+            # The compiled per-step batch norm (forward, backward, double backward fused).
+            self.net.batch_norm = fused_batch_norm
 
         g = torch.Generator().manual_seed(config.seed)
         dev, dt = self.device, dtype

@@ -80,6 +80,31 @@ def aten_batch_norm(x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Option
     return y
 
 
+def fused_batch_norm(x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], *, num_tasks: int, mode: str, momentum: float,
+                     eps: float) -> Tensor:
+    """``aten_batch_norm``'s contract on the compiled per-step batch norm
+    (``mamlpp_ext.ops.task_batch_norm``): one fused op forward, backward and double backward.
+
+    The running-statistics rows (C,) are passed as (1, C) views with step 0, so the in-place
+    update lands in the caller's row of its (S, C) table.
+    """
+    from .ops import task_batch_norm
+
+    if mode not in BN_MODES:
+        raise ValueError(f"fused_batch_norm: unknown mode {mode!r}, expected one of {BN_MODES}")
+    rm = running_mean.unsqueeze(0) if running_mean is not None else None
+    rv = running_var.unsqueeze(0) if running_var is not None else None
+    if mode == "running":
+        if rm is None or rv is None:
+            raise ValueError("fused_batch_norm: mode='running' needs running_mean and running_var")
+        return task_batch_norm(x, num_tasks, gamma, beta, rm, rv, step=0, training=False, eps=eps)
+    if mode == "batch" or rm is None:
+        return task_batch_norm(x, num_tasks, gamma, beta, eps=eps)
+    return task_batch_norm(x, num_tasks, gamma, beta, rm, rv, step=0, training=True,
+                           momentum=momentum, eps=eps)
+
+
 BatchNormFn = Callable[..., Tensor]
 
 
