@@ -85,4 +85,41 @@ void check_rate_dtype(const char* op, const char* name, const at::Tensor& lrs,
               ") or float32, but got ", lrs.scalar_type());
 }
 
+std::vector<ListOperand> as_list_operands(at::TensorList list) {
+  std::vector<ListOperand> ops;
+  ops.reserve(list.size());
+  for (const auto& t : list) ops.push_back(as_list_operand(t));
+  return ops;
+}
+
+c10::ScalarType check_lslr_update_args(at::TensorList params, at::TensorList grads,
+                                       const at::Tensor& lrs, int64_t step) {
+  constexpr const char* op = "mamlpp_ext.lslr_update";
+  check_pairwise(op, "params", params, "grads", grads);
+  check_rates(op, "lrs", lrs, static_cast<int64_t>(params.size()), step);
+  const auto dtype = check_tensor_list(op, "params", params, lrs);
+  check_tensor_list(op, "grads", grads, lrs);
+  check_rate_dtype(op, "lrs", lrs, dtype);
+  return dtype;
+}
+
+c10::ScalarType check_lslr_scale_args(at::TensorList xs, const at::Tensor& lrs, int64_t step) {
+  constexpr const char* op = "mamlpp_ext._lslr_scale";
+  check_rates(op, "lrs", lrs, static_cast<int64_t>(xs.size()), step);
+  const auto dtype = check_tensor_list(op, "xs", xs, lrs);
+  check_rate_dtype(op, "lrs", lrs, dtype);
+  return dtype;
+}
+
+c10::ScalarType check_lslr_dot_args(at::TensorList xs, at::TensorList ys, const at::Tensor& like,
+                                    int64_t step) {
+  constexpr const char* op = "mamlpp_ext._lslr_dot";
+  check_pairwise(op, "xs", xs, "ys", ys);
+  check_rates(op, "like", like, static_cast<int64_t>(xs.size()), step);
+  const auto dtype = check_tensor_list(op, "xs", xs, like);
+  check_tensor_list(op, "ys", ys, like);
+  check_rate_dtype(op, "like", like, dtype);
+  return dtype;
+}
+
 }  // namespace mamlpp

@@ -184,13 +184,6 @@ std::vector<double> rate_column(const at::Tensor& lrs, int64_t step, double alph
   return out;
 }
 
-std::vector<ListOperand> operands(at::TensorList list) {
-  std::vector<ListOperand> ops;
-  ops.reserve(list.size());
-  for (const auto& t : list) ops.push_back(as_list_operand(t));
-  return ops;
-}
-
 std::vector<at::Tensor> dense_outputs(at::TensorList like) {
   std::vector<at::Tensor> outs;
   outs.reserve(like.size());
@@ -209,15 +202,10 @@ std::vector<int64_t> numels_of(at::TensorList list) {
 
 std::vector<at::Tensor> lslr_update_cpu(at::TensorList params, at::TensorList grads,
                                         const at::Tensor& lrs, int64_t step) {
-  constexpr const char* op = "mamlpp_ext.lslr_update";
-  check_pairwise(op, "params", params, "grads", grads);
-  check_rates(op, "lrs", lrs, static_cast<int64_t>(params.size()), step);
-  const auto dtype = check_tensor_list(op, "params", params, lrs);
-  check_tensor_list(op, "grads", grads, lrs);
-  check_rate_dtype(op, "lrs", lrs, dtype);
+  const auto dtype = check_lslr_update_args(params, grads, lrs, step);
 
-  auto p_ops = operands(params);
-  auto g_ops = operands(grads);
+  auto p_ops = as_list_operands(params);
+  auto g_ops = as_list_operands(grads);
   auto outs = dense_outputs(params);
   const auto coeff = rate_column(lrs, step, 1.0);
   int64_t total = 0;
@@ -241,12 +229,9 @@ std::vector<at::Tensor> lslr_update_cpu(at::TensorList params, at::TensorList gr
 
 std::vector<at::Tensor> lslr_scale_cpu(at::TensorList xs, const at::Tensor& lrs, int64_t step,
                                        double alpha) {
-  constexpr const char* op = "mamlpp_ext._lslr_scale";
-  check_rates(op, "lrs", lrs, static_cast<int64_t>(xs.size()), step);
-  const auto dtype = check_tensor_list(op, "xs", xs, lrs);
-  check_rate_dtype(op, "lrs", lrs, dtype);
+  const auto dtype = check_lslr_scale_args(xs, lrs, step);
 
-  auto x_ops = operands(xs);
+  auto x_ops = as_list_operands(xs);
   auto outs = dense_outputs(xs);
   const auto coeff = rate_column(lrs, step, alpha);
   int64_t total = 0;
@@ -269,15 +254,10 @@ std::vector<at::Tensor> lslr_scale_cpu(at::TensorList xs, const at::Tensor& lrs,
 
 at::Tensor lslr_dot_cpu(at::TensorList xs, at::TensorList ys, const at::Tensor& like,
                         int64_t step, double alpha) {
-  constexpr const char* op = "mamlpp_ext._lslr_dot";
-  check_pairwise(op, "xs", xs, "ys", ys);
-  check_rates(op, "like", like, static_cast<int64_t>(xs.size()), step);
-  const auto dtype = check_tensor_list(op, "xs", xs, like);
-  check_tensor_list(op, "ys", ys, like);
-  check_rate_dtype(op, "like", like, dtype);
+  const auto dtype = check_lslr_dot_args(xs, ys, like, step);
 
-  auto x_ops = operands(xs);
-  auto y_ops = operands(ys);
+  auto x_ops = as_list_operands(xs);
+  auto y_ops = as_list_operands(ys);
   int64_t total = 0;
   const auto work = make_work(numels_of(xs), &total);
   // One partial sum per work item, then a fixed-order sum per tensor: the result does not

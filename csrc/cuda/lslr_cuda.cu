@@ -192,27 +192,15 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   if (threadIdx.x == 0) out[k * out_stride0 + step_offset] = static_cast<out_t>(alpha * total);
 }
 
-std::vector<ListOperand> operands(at::TensorList list) {
-  std::vector<ListOperand> ops;
-  ops.reserve(list.size());
-  for (const auto& t : list) ops.push_back(as_list_operand(t));
-  return ops;
-}
-
 }  // namespace
 
 std::vector<at::Tensor> lslr_update_cuda(at::TensorList params, at::TensorList grads,
                                          const at::Tensor& lrs, int64_t step) {
-  constexpr const char* op = "mamlpp_ext.lslr_update";
-  check_pairwise(op, "params", params, "grads", grads);
-  check_rates(op, "lrs", lrs, static_cast<int64_t>(params.size()), step);
-  const auto dtype = check_tensor_list(op, "params", params, lrs);
-  check_tensor_list(op, "grads", grads, lrs);
-  check_rate_dtype(op, "lrs", lrs, dtype);
+  const auto dtype = check_lslr_update_args(params, grads, lrs, step);
   const c10::cuda::CUDAGuard guard(lrs.device());
 
-  const auto p_ops = operands(params);
-  const auto g_ops = operands(grads);
+  const auto p_ops = as_list_operands(params);
+  const auto g_ops = as_list_operands(grads);
   std::vector<at::Tensor> outs;
   std::vector<ListEntry<3>> entries;
   outs.reserve(params.size());
@@ -245,13 +233,10 @@ std::vector<at::Tensor> lslr_update_cuda(at::TensorList params, at::TensorList g
 
 std::vector<at::Tensor> lslr_scale_cuda(at::TensorList xs, const at::Tensor& lrs, int64_t step,
                                         double alpha) {
-  constexpr const char* op = "mamlpp_ext._lslr_scale";
-  check_rates(op, "lrs", lrs, static_cast<int64_t>(xs.size()), step);
-  const auto dtype = check_tensor_list(op, "xs", xs, lrs);
-  check_rate_dtype(op, "lrs", lrs, dtype);
+  const auto dtype = check_lslr_scale_args(xs, lrs, step);
   const c10::cuda::CUDAGuard guard(lrs.device());
 
-  const auto x_ops = operands(xs);
+  const auto x_ops = as_list_operands(xs);
   std::vector<at::Tensor> outs;
   std::vector<ListEntry<2>> entries;
   outs.reserve(xs.size());
@@ -282,19 +267,14 @@ std::vector<at::Tensor> lslr_scale_cuda(at::TensorList xs, const at::Tensor& lrs
 
 at::Tensor lslr_dot_cuda(at::TensorList xs, at::TensorList ys, const at::Tensor& like,
                          int64_t step, double alpha) {
-  constexpr const char* op = "mamlpp_ext._lslr_dot";
-  check_pairwise(op, "xs", xs, "ys", ys);
-  check_rates(op, "like", like, static_cast<int64_t>(xs.size()), step);
-  const auto dtype = check_tensor_list(op, "xs", xs, like);
-  check_tensor_list(op, "ys", ys, like);
-  check_rate_dtype(op, "like", like, dtype);
+  const auto dtype = check_lslr_dot_args(xs, ys, like, step);
   const c10::cuda::CUDAGuard guard(like.device());
 
   at::Tensor out = at::zeros(like.sizes(), like.options());
   const int64_t K = static_cast<int64_t>(xs.size());
   if (K == 0) return out;
-  const auto x_ops = operands(xs);
-  const auto y_ops = operands(ys);
+  const auto x_ops = as_list_operands(xs);
+  const auto y_ops = as_list_operands(ys);
   int64_t max_chunks = 1;
   std::vector<ListEntry<2>> entries;
   entries.reserve(K);

@@ -48,4 +48,15 @@ void check_pairwise(const char* op, const char* name_a, at::TensorList a, const 
 void check_rate_dtype(const char* op, const char* name, const at::Tensor& lrs,
                       c10::ScalarType list_dtype);
 
+// as_list_operand over a whole list.
+std::vector<ListOperand> as_list_operands(at::TensorList list);
+
+// The complete argument checks of each LSLR op (one place for the CPU and CUDA entry points);
+// each returns the dtype of the tensor lists.
+c10::ScalarType check_lslr_update_args(at::TensorList params, at::TensorList grads,
+                                       const at::Tensor& lrs, int64_t step);
+c10::ScalarType check_lslr_scale_args(at::TensorList xs, const at::Tensor& lrs, int64_t step);
+c10::ScalarType check_lslr_dot_args(at::TensorList xs, at::TensorList ys, const at::Tensor& like,
+                                    int64_t step);
+
 }  // namespace mamlpp
