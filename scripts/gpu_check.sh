@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # The one prepared check for a machine with an NVIDIA GPU and no network:
 #   scripts/gpu_check.sh [OUTDIR]
-# prints the GPU and versions, builds the extension with the machine's own torch
-# (pip install --no-build-isolation --no-deps .), runs the test suite (CUDA tests included),
-# runs the benchmarks on CUDA, and writes logs + JSON + a summary into OUTDIR (default: $OUT,
-# else ./gpu_out). Budget: well inside 9 minutes on an H100 (each step has its own timeout).
-# Omniglot for the data tests: set MAMLPP_OMNIGLOT_ROOT, or carry a copy in ./gpu_data/omniglot.
+# 1. prints the GPU and versions; 2. builds the extension with the machine's own torch
+# (pip install --no-build-isolation --no-deps ., MAX_JOBS = cores, arch = this GPU's);
+# 3. runs the test suite, CUDA tests included (pytest-xdist when installed);
+# 4. runs the CUDA benchmarks (update, batch norm, meta-step) into bench.json;
+# 5. trains Omniglot 5-way 1-shot on the GPU with the full public schedule for TRAIN_SECONDS
+#    (default 90), stops it with SIGTERM (which checkpoints), and evaluates on the 600 test tasks.
+# Writes at most 8 files into OUTDIR (default: $OUT, else ./gpu_out) and ends with a summary.
+# Budget: about 6-7 minutes on an H100 (each step has its own timeout).
+# Omniglot: set MAMLPP_OMNIGLOT_ROOT, or carry a copy in ./gpu_data/omniglot; a preprocessed
+# cache entry carried in ./gpu_data/omniglot_cache (meta.json + images-*.npy) saves decoding it.
+# SKIP="tests bench train" skips steps by name.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUTDIR="${1:-${OUT:-$REPO/gpu_out}}"
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 PY="${PYTHON:-python3}"
+SKIP="${SKIP:-}"
+TRAIN_SECONDS="${TRAIN_SECONDS:-90}"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [ -z "${MAMLPP_OMNIGLOT_ROOT:-}" ] && [ -d "$REPO/gpu_data/omniglot" ]; then
@@ -19,40 +27,99 @@ if [ -z "${MAMLPP_OMNIGLOT_ROOT:-}" ] && [ -d "$REPO/gpu_data/omniglot" ]; then
 fi
 export MAMLPP_CACHE_DIR="${MAMLPP_CACHE_DIR:-/tmp/mamlpp_cache}"
 START=$(date +%s)
-status() { printf '%-10s %-6s %5ss  %s\n' "$1" "$2" "$(( $(date +%s) - START ))" "$3" | tee -a "$OUTDIR/summary.txt"; }
-: > "$OUTDIR/summary.txt"
+SUMMARY="$OUTDIR/summary.txt"
+status() { printf '%-10s %-6s %5ss  %s\n' "$1" "$2" "$(( $(date +%s) - START ))" "$3" | tee -a "$SUMMARY"; }
+skipped() { case " $SKIP " in *" $1 "*) status "$1" skip "SKIP=$SKIP"; return 0;; esac; return 1; }
 
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
   nvcc --version | tail -2
-  echo "omniglot root: ${MAMLPP_OMNIGLOT_ROOT:-<default>}"
-} > "$OUTDIR/env.txt" 2>&1
-cat "$OUTDIR/env.txt"
+  echo "cores: $(nproc); omniglot root: ${MAMLPP_OMNIGLOT_ROOT:-<default>}"
+} > "$SUMMARY" 2>&1
+cat "$SUMMARY"
 
-# 1. build (the machine's own torch; nothing downloaded)
+# 1. build (the machine's own torch; nothing downloaded). Only this GPU's architecture unless
+#    TORCH_CUDA_ARCH_LIST says otherwise: half the nvcc time of the default "8.0;9.0".
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo "8.0;9.0")"
+  export TORCH_CUDA_ARCH_LIST
+fi
 cd "$REPO"
-if timeout 300 "$PY" -m pip install --no-build-isolation --no-deps -v . > "$OUTDIR/build.log" 2>&1; then
-  status build ok "$(grep -m1 'mamlpp_ext build\] building' "$OUTDIR/build.log" | cut -c1-120)"
+if timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -v . > "$OUTDIR/build.log" 2>&1; then
+  status build ok "arch $TORCH_CUDA_ARCH_LIST; $(grep -m1 'mamlpp_ext build\] building' "$OUTDIR/build.log" | cut -c1-100)"
 else
   status build FAIL "see build.log"; tail -40 "$OUTDIR/build.log"; exit 1
 fi
 
 # Run from outside the checkout so the installed package (with _C) is imported, not ./mamlpp_ext.
 cd "$OUTDIR"
-"$PY" -c "import mamlpp_ext; print('installed:', mamlpp_ext.__file__, mamlpp_ext.build_info())" | tee -a "$OUTDIR/env.txt"
+if ! "$PY" -c "
+import mamlpp_ext, torch
+print('installed:', mamlpp_ext.__file__, mamlpp_ext.build_info())
+assert mamlpp_ext.has_extension(), mamlpp_ext.extension_error()
+assert mamlpp_ext.cuda_built(), 'CUDA kernels were not built'
+" >> "$SUMMARY" 2>&1; then
+  status import FAIL "$(tail -1 "$SUMMARY")"; exit 1
+fi
 
-# 2. tests: the whole suite (CUDA tests run here; CPU ones too, as a cross-check)
-timeout 240 "$PY" -m pytest "$REPO/tests" -q -rs -p no:cacheprovider > "$OUTDIR/tests.log" 2>&1
-rc=$?
-status tests "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUTDIR/tests.log")"
+# A carried preprocessing cache goes where load_omniglot will look for it on this machine.
+if [ -d "$REPO/gpu_data/omniglot_cache" ] && [ -n "${MAMLPP_OMNIGLOT_ROOT:-}" ]; then
+  "$PY" - "$REPO/gpu_data/omniglot_cache" <<'EOF' >> "$SUMMARY" 2>&1 || true
+import os, shutil, sys
+from pathlib import Path
+from mamlpp_ext.data._common import entry_for
+entry = entry_for(Path(os.environ["MAMLPP_CACHE_DIR"]), "omniglot", Path(os.environ["MAMLPP_OMNIGLOT_ROOT"]),
+                  {"size": 28, "resample": "lanczos", "binary_resize": False})
+entry.folder.mkdir(parents=True, exist_ok=True)
+for f in Path(sys.argv[1]).iterdir():
+    shutil.copy(f, entry.folder / f.name)
+print("omniglot cache placed in", entry.folder)
+EOF
+fi
+
+# 2. tests: the whole suite (CUDA tests run here; the CPU ones too, on this machine's torch)
+if ! skipped tests; then
+  XDIST=""
+  "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+  TIMEOUT_OPT=""
+  "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout 120"
+  timeout 180 "$PY" -m pytest "$REPO/tests" $XDIST $TIMEOUT_OPT -q -rfEs --tb=short -p no:cacheprovider \
+    > "$OUTDIR/tests.log" 2>&1
+  rc=$?
+  ncuda=$(grep -c "needs a CUDA device" "$OUTDIR/tests.log")
+  status tests "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUTDIR/tests.log") (CUDA-skip lines: $ncuda)"
+fi
 
 # 3. benchmarks on CUDA
-timeout 180 "$PY" "$REPO/benchmarks/inner_loop.py" --device cuda --json "$OUTDIR/bench.json" > "$OUTDIR/bench.log" 2>&1
-rc=$?
-status bench "$([ $rc = 0 ] && echo ok || echo FAIL)" "bench.log / bench.json"
+if ! skipped bench; then
+  timeout 150 "$PY" "$REPO/benchmarks/inner_loop.py" --device cuda --json "$OUTDIR/bench.json" \
+    > "$OUTDIR/bench.log" 2>&1
+  rc=$?
+  status bench "$([ $rc = 0 ] && echo ok || echo FAIL)" "bench.log / bench.json"
+fi
+
+# 4. the public Omniglot 5-way 1-shot schedule on the GPU, for as long as TRAIN_SECONDS allows
+if ! skipped train && [ -n "${MAMLPP_OMNIGLOT_ROOT:-}" ]; then
+  RUN=/tmp/mamlpp_gpu_run
+  rm -rf "$RUN"
+  {
+    echo "== train: omniglot-5way-1shot, full public schedule, fused, cuda, stopped after ${TRAIN_SECONDS}s"
+    timeout -s TERM -k 30 "$TRAIN_SECONDS" "$PY" -m mamlpp_ext.train --preset omniglot-5way-1shot \
+      --backend fused --device cuda --workers 4 --run-dir "$RUN" --no-progress --log-every 100
+    echo "train exit: $?"
+    echo "== metrics.csv"; cat "$RUN/metrics.csv" 2>/dev/null
+    echo "== last train records"; grep '"kind": *"train"' "$RUN/metrics.jsonl" 2>/dev/null | tail -3
+    grep '"kind": *"interrupt"' "$RUN/metrics.jsonl" 2>/dev/null | tail -1
+    if [ -f "$RUN/checkpoints/best.json" ]; then TARGET="$RUN"; else TARGET="$RUN/checkpoints/latest.pt"; fi
+    echo "== eval: $TARGET"
+    timeout 60 "$PY" -m mamlpp_ext.evaluate "$TARGET" --device cuda
+    echo "eval exit: $?"
+  } > "$OUTDIR/train.log" 2>&1
+  status train done "$(grep -m1 'test: accuracy' "$OUTDIR/train.log" | cut -c1-100) (train.log)"
+fi
 
 echo; echo "== summary ($(( $(date +%s) - START )) s) =="
-cat "$OUTDIR/summary.txt"
-echo; grep -A40 '^## ' "$OUTDIR/bench.log" | head -80
+cat "$SUMMARY"
+echo; grep -A40 '^## ' "$OUTDIR/bench.log" 2>/dev/null | head -80

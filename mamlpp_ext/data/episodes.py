@@ -25,6 +25,7 @@ query are laid out class-major: support_y = [0]*K + [1]*K + ….
 
 from __future__ import annotations
 
+import signal
 import zlib
 from typing import NamedTuple, Sequence
 
@@ -276,6 +277,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
             raise ValueError(f"start must be in [0, {len(self)}], got {start}")
         kw = {}
         if num_workers > 0:
+            kw["worker_init_fn"] = _leave_stop_signals_to_the_main_process
             kw["persistent_workers"] = persistent_workers
             if prefetch_factor is not None:
                 kw["prefetch_factor"] = prefetch_factor
@@ -285,3 +287,15 @@ class EpisodeDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"EpisodeDataset({self.pool.name!r}: {self.n_way}-way {self.k_shot}-shot {self.n_query}-query, "
                 f"T={self.meta_batch_size}, tasks={self.num_tasks}, augment={self.augment}, seed={self.seed})")
+
+
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader worker start-up: ignore SIGINT and SIGTERM.
+
+    Ctrl-C, ``timeout``, Slurm and many launchers signal the whole process group. A worker that
+    died of the signal would make the DataLoader raise "worker killed" in the main process before
+    the trainer's own handler could save its checkpoint; the main process decides instead, and
+    its DataLoader ends the workers when it shuts down.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
