@@ -3,15 +3,16 @@
 #   scripts/gpu_check.sh [OUTDIR]
 # 1. prints the GPU and versions; 2. builds the extension with the machine's own torch
 # (pip install --no-build-isolation --no-deps ., MAX_JOBS = cores, arch = this GPU's);
-# 3. runs the test suite, CUDA tests included (pytest-xdist when installed);
-# 4. runs the CUDA benchmarks (update, batch norm, meta-step) into bench.json;
-# 5. trains Omniglot 5-way 1-shot on the GPU with the full public schedule for TRAIN_SECONDS
+# 3. calls the ops with bad arguments, one child process per call (scripts/probe_error_paths.py);
+# 4. runs the CUDA tests, then the rest of the suite (pytest-xdist when installed);
+# 5. runs the CUDA benchmarks (update, batch norm, meta-step) into bench.json;
+# 6. trains Omniglot 5-way 1-shot on the GPU with the full public schedule for TRAIN_SECONDS
 #    (default 90), stops it with SIGTERM (which checkpoints), and evaluates on the 600 test tasks.
 # Writes at most 8 files into OUTDIR (default: $OUT, else ./gpu_out) and ends with a summary.
 # Budget: about 6-7 minutes on an H100 (each step has its own timeout).
 # Omniglot: set MAMLPP_OMNIGLOT_ROOT, or carry a copy in ./gpu_data/omniglot; a preprocessed
 # cache entry carried in ./gpu_data/omniglot_cache (meta.json + images-*.npy) saves decoding it.
-# SKIP="tests bench train" skips steps by name.
+# SKIP="probe cuda-tests tests bench train" skips steps by name.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUTDIR="${1:-${OUT:-$REPO/gpu_out}}"
@@ -40,7 +41,7 @@ skipped() { case " $SKIP " in *" $1 "*) status "$1" skip "SKIP=$SKIP"; return 0;
 } > "$SUMMARY" 2>&1
 cat "$SUMMARY"
 
-# 1. build (the machine's own torch; nothing downloaded). Only this GPU's architecture unless
+# 2. build (the machine's own torch; nothing downloaded). Only this GPU's architecture unless
 #    TORCH_CUDA_ARCH_LIST says otherwise: half the nvcc time of the default "8.0;9.0".
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   TORCH_CUDA_ARCH_LIST="$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo "8.0;9.0")"
@@ -79,20 +80,37 @@ print("omniglot cache placed in", entry.folder)
 EOF
 fi
 
-# 2. tests: the whole suite (CUDA tests run here; the CPU ones too, on this machine's torch)
+# 3. error paths: every bad call must raise, not kill the process (one child process per call)
+PROBE_RC=0
+if ! skipped probe; then
+  timeout 150 "$PY" "$REPO/scripts/probe_error_paths.py" --device cpu --gdb > "$OUTDIR/probe.log" 2>&1
+  PROBE_RC=$?
+  timeout 60 "$PY" "$REPO/scripts/probe_error_paths.py" --device cuda >> "$OUTDIR/probe.log" 2>&1 || PROBE_RC=1
+  status probe "$([ $PROBE_RC = 0 ] && echo ok || echo FAIL)" "$(grep -c CRASHED "$OUTDIR/probe.log") crashing calls (probe.log)"
+fi
+
+# 4. tests: the CUDA tests first (one process), then the rest of the suite (xdist when installed);
+#    when the probe saw crashes, the rejected-input tests are left to it (a crash kills a worker).
+TIMEOUT_OPT=""
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout 120"
+if ! skipped cuda-tests; then
+  timeout 200 "$PY" -m pytest "$REPO/tests" -k cuda $TIMEOUT_OPT -q -rfEs --tb=short -p no:cacheprovider \
+    > "$OUTDIR/tests_cuda.log" 2>&1
+  rc=$?
+  status cuda-tests "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUTDIR/tests_cuda.log")"
+fi
 if ! skipped tests; then
   XDIST=""
   "$PY" -c "import xdist" 2>/dev/null && XDIST="-n 8"
-  TIMEOUT_OPT=""
-  "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout 120"
-  timeout 180 "$PY" -m pytest "$REPO/tests" $XDIST $TIMEOUT_OPT -q -rfEs --tb=short -p no:cacheprovider \
+  SEL="not cuda"
+  [ "$PROBE_RC" = 0 ] || SEL="not cuda and not rejects_bad_input"
+  timeout 180 "$PY" -m pytest "$REPO/tests" -k "$SEL" $XDIST $TIMEOUT_OPT -q -rfEs --tb=short -p no:cacheprovider \
     > "$OUTDIR/tests.log" 2>&1
   rc=$?
-  ncuda=$(grep -c "needs a CUDA device" "$OUTDIR/tests.log")
-  status tests "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUTDIR/tests.log") (CUDA-skip lines: $ncuda)"
+  status tests "$([ $rc = 0 ] && echo ok || echo FAIL)" "-k '$SEL': $(tail -1 "$OUTDIR/tests.log")"
 fi
 
-# 3. benchmarks on CUDA
+# 5. benchmarks on CUDA
 if ! skipped bench; then
   timeout 150 "$PY" "$REPO/benchmarks/inner_loop.py" --device cuda --json "$OUTDIR/bench.json" \
     > "$OUTDIR/bench.log" 2>&1
@@ -100,7 +118,7 @@ if ! skipped bench; then
   status bench "$([ $rc = 0 ] && echo ok || echo FAIL)" "bench.log / bench.json"
 fi
 
-# 4. the public Omniglot 5-way 1-shot schedule on the GPU, for as long as TRAIN_SECONDS allows
+# 6. the public Omniglot 5-way 1-shot schedule on the GPU, for as long as TRAIN_SECONDS allows
 if ! skipped train && [ -n "${MAMLPP_OMNIGLOT_ROOT:-}" ]; then
   RUN=/tmp/mamlpp_gpu_run
   rm -rf "$RUN"
