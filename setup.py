@@ -9,6 +9,11 @@ Environment variables read:
                           scripts to the real toolkit)
   MAX_JOBS                parallel compile jobs (ninja)
   MAMLPP_DEBUG=1          compile with -O0 -g
+On Linux the extension is linked against the libstdc++ that the building Python process (with
+torch imported) has loaded, named by path: a compiler whose driver links libstdc++ statically
+(seen on a GPU machine's /opt/gcc) would otherwise embed a second copy of the C++ runtime, whose
+locale state is not the process's, and the first integer formatted into an error message
+segfaulted there.
 Build with `pip install --no-build-isolation .` (torch must already be installed).
 """
 
@@ -109,6 +114,26 @@ def cuda_build_plan() -> tuple[bool, str]:
     return True, f"toolkit {cuda_home}, torch CUDA {torch.version.cuda}, archs {os.environ['TORCH_CUDA_ARCH_LIST']}"
 
 
+def runtime_libstdcxx() -> list[str]:
+    """Link arguments naming the libstdc++ this process runs with (torch imported), or [].
+
+    Given as a plain input file, the shared library resolves every C++ runtime symbol before
+    the compiler driver's own ``-lstdc++`` (static in some toolchains) is searched, so no part
+    of the runtime is copied into the extension.
+    """
+    try:
+        import torch  # noqa: F401  (loads the C++ runtime the extension will run with)
+
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                path = line.split()[-1]
+                if os.path.basename(path).startswith("libstdc++.so") and os.path.isfile(path):
+                    return [path]
+    except OSError:
+        pass
+    return []
+
+
 def extensions():
     with_cuda, reason = cuda_build_plan()
     import torch.utils.cpp_extension as cpp_ext
@@ -123,6 +148,8 @@ def extensions():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx_flags = opt + ["-fvisibility=hidden"]
+    link_args = runtime_libstdcxx()
+    log(f"C++ runtime linked by path: {link_args[0] if link_args else 'not found (the driver decides)'}")
     if with_cuda:
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         toolkit_inc = os.path.join(os.environ["CUDA_HOME"], "include")
@@ -141,6 +168,7 @@ def extensions():
                 "cxx": cxx_flags,
                 "nvcc": opt + ["--expt-relaxed-constexpr", "-lineinfo"],
             },
+            extra_link_args=link_args,
         )]
     log(f"building CPU kernels only ({reason})")
     return [CppExtension(
@@ -148,6 +176,7 @@ def extensions():
         sources=sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_args,
     )]
 
 

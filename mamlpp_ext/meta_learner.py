@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,11 @@ class MAMLPlusPlus:
         self.optimizer = torch.optim.Adam(self.parameters(), lr=meta_lr_at(config, 0))
         self.last_epoch: Optional[int] = None
         self.meta_steps_done = 0
+        # NOTE [Cross-process mean]: when set (mamlpp_ext.distributed), meta_step calls it once per
+        # step, after the backward and before the gradient clamp and the Adam step, with every
+        # meta-gradient, every running-statistics buffer and a float vector of step metrics; it
+        # must replace each by its mean over the processes, in place (one flat all-reduce).
+        self.cross_process_mean: Optional[Callable[[list[Tensor]], None]] = None
 
     # ------------------------------------------------------------- accessors
     def parameters(self) -> list[Tensor]:
@@ -346,7 +351,8 @@ class MAMLPlusPlus:
         """One outer step: meta loss, backward, optional gradient clamp, Adam step at the CA rate of ``epoch``.
 
         Shapes as in ``meta_loss``. Returns a dict: ``loss`` (float, the meta-batch loss),
-        ``accuracy`` (float, mean final query accuracy), ``task_accuracies`` (list of T floats),
+        ``accuracy`` (float, mean final query accuracy) — both averaged over the processes when
+        ``cross_process_mean`` is set — ``task_accuracies`` (list of this process's T floats),
         ``loss_weights`` (list of S floats), ``meta_lr`` (float), ``second_order`` (bool),
         ``epoch`` (int).
         """
@@ -359,6 +365,13 @@ class MAMLPlusPlus:
         loss, info = self._meta_loss(*batch, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        metrics = torch.cat([loss.detach().reshape(1), info["task_accuracies"].mean().reshape(1)])
+        if self.cross_process_mean is not None:
+            params = self.parameters()
+            for p in params:  # every process must contribute the same layout
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.cross_process_mean([p.grad for p in params] + self.running_mean + self.running_var + [metrics])
         if self.config.grad_clamp is not None:
             c = float(self.config.grad_clamp)
             for p in self.theta + self.bn_weight + self.bn_bias:
@@ -366,8 +379,7 @@ class MAMLPlusPlus:
                     p.grad.clamp_(-c, c)
         self.optimizer.step()
         self.meta_steps_done += 1
-        stats = torch.cat([loss.detach().reshape(1), info["task_accuracies"].mean().reshape(1),
-                           info["task_accuracies"]]).tolist()
+        stats = torch.cat([metrics, info["task_accuracies"]]).tolist()
         return dict(loss=stats[0], accuracy=stats[1], task_accuracies=stats[2:], loss_weights=info["loss_weights"],
                     meta_lr=lr, second_order=info["second_order"], epoch=epoch)
 

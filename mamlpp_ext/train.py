@@ -19,12 +19,12 @@ Run folder::
     RUN/tensorboard/                    when torch.utils.tensorboard imports
 
 NOTE [Distributed seams]
-    Two methods are where a distributed trainer plugs in: ``local_tasks(episode)`` picks the
-    tasks of a meta-batch this process runs (all of them here), and ``reduce_gradients(params)``
-    combines the meta-gradients across processes (nothing here); it runs as an optimiser
-    step pre-hook, i.e. after ``meta_step``'s backward (and its optional gradient clamp) and
-    before the Adam step. ``reduce_metrics`` does the same for the logged numbers and
-    ``is_main`` says which process writes files.
+    ``mamlpp_ext.distributed.DistributedTrainer`` subclasses this class: ``is_main`` says which
+    process writes files, ``_shard_training_stream`` gives each process its share of every
+    meta-batch, ``validate`` scores a share of the fixed tasks, and the learner's
+    ``cross_process_mean`` hook (NOTE [Cross-process mean] in meta_learner.py) averages the
+    meta-gradients, running statistics and step metrics after each backward, before the
+    gradient clamp and the Adam step. ``_stop_requested`` lets the processes agree to stop.
 """
 
 from __future__ import annotations
@@ -127,13 +127,11 @@ class Trainer:
         self.handle_signals = handle_signals
 
         self.learner = MAMLPlusPlus(config, backend=self.backend, device=self.device)
-        self.learner.optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.reduce_gradients(
-            [p for g in opt.param_groups for p in g["params"]]))
         self.pools = pools if pools is not None else C.load_pools(config, self.data)
         for name in ("train", "val"):
             if name not in self.pools:
                 raise ValueError(f"pools must hold a {name!r} ClassPool")
-        self.train_set = C.train_dataset(self.pools["train"], config)
+        self.train_set = self._shard_training_stream(C.train_dataset(self.pools["train"], config))
         self.val_set = C.eval_dataset(self.pools["val"], config, self.data, config.eval_tasks, self.eval_batch_size)
 
         self.epoch = 0  # next epoch to run
@@ -157,17 +155,14 @@ class Trainer:
         """Whether this process writes logs and checkpoints (always, without distribution)."""
         return True
 
-    def local_tasks(self, episode):
-        """The part of a meta-batch (support_x, support_y, query_x, query_y; task dim first) that
-        this process runs: all of it here (NOTE [Distributed seams])."""
-        return episode
+    def _shard_training_stream(self, stream):
+        """The training stream this process runs: all of it here (NOTE [Distributed seams])."""
+        return stream
 
-    def reduce_gradients(self, params: list[torch.Tensor]) -> None:
-        """Combine the meta-gradients ``p.grad`` across processes before the Adam step (no-op here)."""
-
-    def reduce_metrics(self, metrics: dict) -> dict:
-        """Combine per-process step metrics (identity here)."""
-        return metrics
+    def _stop_requested(self, sync: bool = False) -> bool:
+        """Whether to stop now: a SIGINT/SIGTERM was received (by any process when distributed;
+        ``sync``: at a point every process reaches together, e.g. the end of an epoch)."""
+        return self._stop is not None
 
     # ------------------------------------------------------------- state
     def _checkpoint(self, val: Optional[dict], interrupted: bool = False) -> dict:
@@ -297,8 +292,7 @@ class Trainer:
                            dynamic_ncols=True, leave=True)
             try:
                 for _ in range(done_in_epoch, I):
-                    episode = self.local_tasks(next(batches))
-                    out = self.reduce_metrics(self.learner.meta_step(*episode, epoch=epoch))
+                    out = self.learner.meta_step(*next(batches), epoch=epoch)
                     self.iteration += 1
                     s = self.epoch_sums
                     s["loss"] += out["loss"]
@@ -316,7 +310,8 @@ class Trainer:
                                         "loss": window["loss"] / window["steps"],
                                         "accuracy": window["accuracy"] / window["steps"], "meta_lr": out["meta_lr"]})
                         window = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
-                    if self._stop is not None or (stop_at_iteration is not None and self.iteration >= stop_at_iteration):
+                    if self._stop_requested() or (stop_at_iteration is not None
+                                                  and self.iteration >= stop_at_iteration):
                         break
             finally:
                 if bar is not None:
@@ -351,9 +346,9 @@ class Trainer:
             msg = (f"epoch {epoch + 1}/{E}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
                    f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} ± {val['ci95']:.4f} | "
                    f"{row['steps_per_second'] or 0:.2f} steps/s")
-            if self.progress or self.log_every:
+            if (self.progress or self.log_every) and self.is_main:
                 print(msg, file=sys.stderr, flush=True)
-            if self._stop is not None:
+            if self._stop_requested(sync=True):
                 return self._interrupt()
             if stop_at_iteration is not None and self.iteration >= stop_at_iteration and self.epoch < E:
                 return self._interrupt()
@@ -491,6 +486,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--stop-at-iteration", type=int, metavar="N",
+                   help="stop once N meta-steps are done in total, saving checkpoints/latest.pt as an interruption "
+                        "would (continue later with --resume); for jobs with a time limit")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits in a collective for the others before "
+                        "the job fails (default 1800)")
     return p
 
 
@@ -512,7 +513,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
             if not mamlpp_ext.has_extension():
                 raise ValueError(f"--backend fused needs the compiled extension: {mamlpp_ext.extension_error()}")
-        for name in ("epochs", "iters_per_epoch", "eval_tasks", "eval_batch_size", "keep_top_k"):
+        for name in ("epochs", "iters_per_epoch", "eval_tasks", "eval_batch_size", "keep_top_k", "stop_at_iteration"):
             v = getattr(args, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -520,6 +521,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"--preset: unknown preset {args.preset!r}; known presets: {', '.join(preset_names())}")
         if args.dataset_root is not None and not Path(args.dataset_root).exists():
             raise ValueError(f"--dataset-root: {args.dataset_root} does not exist")
+        from . import distributed as D
+
+        trainer_cls, where = Trainer, ""
+        if D.launched_by_torchrun():
+            args.device = D.init_from_env(args.device, args.dist_timeout)
+            trainer_cls = D.DistributedTrainer
+            where = f" (process {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')})"
         data = C.DataOptions(root=args.dataset_root, split=args.split, lake_val_alphabets=args.lake_val_alphabets,
                              eval_seed=args.eval_seed, check_counts=not args.allow_partial_data,
                              cache_dir=args.cache_dir, num_workers=args.workers)
@@ -544,7 +552,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     raise ValueError(f"--resume continues the stored config; these settings differ from it: {diff}")
             data = C.DataOptions.from_dict({**stored["data"], **({"root": args.dataset_root} if args.dataset_root
                                                                   else {}), "num_workers": args.workers})
-            trainer = Trainer(None, run_dir, backend=args.backend, device=args.device, data=data,
+            trainer = trainer_cls(None, run_dir, backend=args.backend, device=args.device, data=data,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
                               tensorboard=not args.no_tensorboard, resume=ckpt_path)
@@ -553,21 +561,41 @@ def main(argv: Optional[list[str]] = None) -> int:
                                   total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                                   eval_tasks=args.eval_tasks)
             run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{args.preset or 'custom'}-seed{config.seed}"
-            trainer = Trainer(config, run_dir, backend=args.backend, device=args.device, data=data,
+            trainer = trainer_cls(config, run_dir, backend=args.backend, device=args.device, data=data,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
                               tensorboard=not args.no_tensorboard)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         parser.error(str(exc))
-    print(f"mamlpp-train: {trainer.learner!r}, run folder {trainer.run_dir}, starting at epoch {trainer.epoch} "
-          f"iteration {trainer.iteration}", file=sys.stderr, flush=True)
+    if trainer.is_main:
+        print(f"mamlpp-train: {trainer.learner!r}, run folder {trainer.run_dir}, starting at epoch {trainer.epoch} "
+              f"iteration {trainer.iteration}{where}", file=sys.stderr, flush=True)
     try:
-        trainer.fit()
+        out = trainer.fit(stop_at_iteration=args.stop_at_iteration)
+        if out.get("interrupted") and trainer.is_main:
+            print(f"mamlpp-train: stopped at iteration {trainer.iteration} (--stop-at-iteration); checkpoint "
+                  f"saved to {trainer.latest_path}", file=sys.stderr, flush=True)
     except TrainingInterrupted as exc:
-        print(f"mamlpp-train: {exc}", file=sys.stderr, flush=True)
+        print(f"mamlpp-train{where}: {exc}", file=sys.stderr, flush=True)
         return 128 + exc.signum
+    except Exception as exc:  # noqa: BLE001
+        if not where:
+            raise
+        # A collective that timed out, or a peer that died: say so on this process and fail the job.
+        print(f"mamlpp-train{where}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(another process may have failed first, or the --dist-timeout of {args.dist_timeout:g} s "
+              f"expired); the last checkpoint written stays valid", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if where:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if out.get("interrupted"):
+        return 0
     best = trainer.best[0] if trainer.best else None
-    if best:
+    if best and trainer.is_main:
         print(f"mamlpp-train: done; best validation accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']} "
               f"({trainer.ckpt_dir / best['path']})", file=sys.stderr, flush=True)
     return 0

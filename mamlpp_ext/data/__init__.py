@@ -12,7 +12,7 @@
 
 from ._common import (CorruptImageError, DataError, DatasetNotFoundError, ImageStore,  # noqa: F401
                       resolve_cache_dir)
-from .episodes import ClassPool, Episode, EpisodeDataset, TaskSpec  # noqa: F401
+from .episodes import ClassPool, Episode, EpisodeDataset, EpisodeShard, TaskSpec  # noqa: F401
 from .omniglot import (OmniglotData, default_omniglot_root, load_omniglot, omniglot_episodes,  # noqa: F401
                        resolve_omniglot_root)
 from .miniimagenet import (IMAGENET_MEAN, IMAGENET_STD, MiniImageNetData, load_mini_imagenet,  # noqa: F401
@@ -20,7 +20,7 @@ from .miniimagenet import (IMAGENET_MEAN, IMAGENET_STD, MiniImageNetData, load_m
 from .one_shot import OneShotRun, evaluate_one_shot, load_one_shot_runs  # noqa: F401
 
 __all__ = [
-    "ClassPool", "CorruptImageError", "DataError", "DatasetNotFoundError", "Episode", "EpisodeDataset",
+    "ClassPool", "CorruptImageError", "DataError", "DatasetNotFoundError", "Episode", "EpisodeDataset", "EpisodeShard",
     "ImageStore", "OmniglotData", "TaskSpec", "default_omniglot_root", "load_omniglot", "omniglot_episodes",
     "resolve_cache_dir", "resolve_omniglot_root", "IMAGENET_MEAN", "IMAGENET_STD", "MiniImageNetData",
     "load_mini_imagenet", "resolve_mini_imagenet_root", "OneShotRun", "evaluate_one_shot", "load_one_shot_runs",

@@ -273,20 +273,72 @@ class EpisodeDataset(torch.utils.data.Dataset):
         ``start`` is the iteration to resume from (the stream does not depend on it or on
         ``num_workers``).
         """
-        if not 0 <= start <= len(self):
-            raise ValueError(f"start must be in [0, {len(self)}], got {start}")
-        kw = {}
-        if num_workers > 0:
-            kw["worker_init_fn"] = _leave_stop_signals_to_the_main_process
-            kw["persistent_workers"] = persistent_workers
-            if prefetch_factor is not None:
-                kw["prefetch_factor"] = prefetch_factor
-        return torch.utils.data.DataLoader(self, batch_size=None, sampler=range(start, len(self)),
-                                           num_workers=num_workers, pin_memory=pin_memory, **kw)
+        return _ordered_loader(self, start, num_workers=num_workers, pin_memory=pin_memory,
+                               prefetch_factor=prefetch_factor, persistent_workers=persistent_workers)
+
+    def shard(self, index: int, count: int) -> "EpisodeShard":
+        """Process ``index`` of ``count``'s share of every meta-batch (distributed training)."""
+        return EpisodeShard(self, index, count)
 
     def __repr__(self) -> str:
         return (f"EpisodeDataset({self.pool.name!r}: {self.n_way}-way {self.k_shot}-shot {self.n_query}-query, "
                 f"T={self.meta_batch_size}, tasks={self.num_tasks}, augment={self.augment}, seed={self.seed})")
+
+
+class EpisodeShard(torch.utils.data.Dataset):
+    """Share ``index`` of ``count`` of each meta-batch of an :class:`EpisodeDataset`.
+
+    Item ``b`` holds tasks ``b·T + index·T/count … b·T + (index+1)·T/count − 1`` of the full
+    stream: the shards of one meta-batch are disjoint, cover it, and do not depend on how many
+    processes ran earlier meta-batches (so a run can resume with another process count).
+    """
+
+    def __init__(self, dataset: EpisodeDataset, index: int, count: int):
+        T = dataset.meta_batch_size
+        if not (isinstance(count, int) and count >= 1 and isinstance(index, int) and 0 <= index < count):
+            raise ValueError(f"shard index must be in [0, count) with count >= 1, got index={index!r}, count={count!r}")
+        if T % count:
+            raise ValueError(f"the meta-batch of {T} tasks cannot be split evenly across {count} processes; "
+                             f"choose a meta_batch divisible by the number of processes")
+        if dataset.num_tasks % T:
+            raise ValueError(f"cannot shard a stream whose last meta-batch is partial ({dataset.num_tasks} tasks, T={T})")
+        self.dataset, self.index, self.count = dataset, index, count
+        self.per_shard = T // count
+        self.meta_batch_size = self.per_shard
+        self.num_tasks = len(dataset) * self.per_shard
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, batch_index: int) -> Episode:
+        b = int(batch_index)
+        if b < 0:
+            b += len(self)
+        if not 0 <= b < len(self):
+            raise IndexError(f"meta-batch {batch_index} out of range [0, {len(self)})")
+        start = b * self.dataset.meta_batch_size + self.index * self.per_shard
+        return self.dataset.tasks(start, start + self.per_shard)
+
+    def loader(self, start: int = 0, **kw) -> torch.utils.data.DataLoader:
+        """As :meth:`EpisodeDataset.loader`, over this process's shares."""
+        return _ordered_loader(self, start, **kw)
+
+    def __repr__(self) -> str:
+        return f"EpisodeShard({self.index}/{self.count} of {self.dataset!r})"
+
+
+def _ordered_loader(dataset, start: int, *, num_workers: int = 0, pin_memory: bool = False,
+                    prefetch_factor: int | None = None, persistent_workers: bool = False):
+    if not 0 <= start <= len(dataset):
+        raise ValueError(f"start must be in [0, {len(dataset)}], got {start}")
+    kw = {}
+    if num_workers > 0:
+        kw["worker_init_fn"] = _leave_stop_signals_to_the_main_process
+        kw["persistent_workers"] = persistent_workers
+        if prefetch_factor is not None:
+            kw["prefetch_factor"] = prefetch_factor
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
+                                       num_workers=num_workers, pin_memory=pin_memory, **kw)
 
 
 def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
