@@ -212,3 +212,24 @@ def test_sampling_is_fast():
         median_ms = 1e3 * float(np.median(times))
         # typically ~1.5 ms (5-way 1-shot) and ~5 ms (20-way 5-shot) on the 2-core CI machine
         assert median_ms < limit_ms, f"{n}-way {k}-shot meta-batch of 8 took {median_ms:.1f} ms"
+
+
+def test_shards_split_each_meta_batch_disjointly_and_completely():
+    """EpisodeShard (distributed training): the P shares of meta-batch b, concatenated, are
+    meta-batch b; the loader of a share resumes like the full stream's."""
+    pool = _pool()
+    full = EpisodeDataset.training(pool, 3, 1, 2, 4, num_batches=5, seed=3)
+    for P in (1, 2, 4):
+        shards = [full.shard(r, P) for r in range(P)]
+        assert all(len(s) == len(full) and s.meta_batch_size == 4 // P for s in shards)
+        for b in (0, 3):
+            whole = full[b]
+            parts = [s[b] for s in shards]
+            for i in range(4):
+                assert torch.equal(torch.cat([p[i] for p in parts]), whole[i])
+    loaded = list(full.shard(1, 2).loader(start=2))
+    assert len(loaded) == 3 and torch.equal(loaded[0][0], full.shard(1, 2)[2][0])
+    with pytest.raises(ValueError, match="cannot be split evenly across 3 processes"):
+        full.shard(0, 3)
+    with pytest.raises(ValueError, match=r"index must be in \[0, count\)"):
+        full.shard(2, 2)
