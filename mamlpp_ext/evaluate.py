@@ -84,7 +84,18 @@ def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_
     pools = pools if pools is not None else C.load_pools(cfg, data)
     ds = C.eval_dataset(pools[split_set], cfg, data, num_tasks, batch_size or cfg.meta_batch)
     t0 = time.perf_counter()
-    res = C.score_tasks(learners, ds, progress=progress, desc=f"{split_set} ({len(learners)} model(s))")
+    desc = f"{split_set} ({len(learners)} model(s))"
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # under torchrun: each process scores every P-th batch; the scores are gathered
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = C.score_batches(learners, ds, range(rank, len(ds), world), progress=progress and rank == 0, desc=desc)
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, mine)
+        res = C.summarize_scores([s for part in gathered for s in part])
+    else:
+        res = C.score_tasks(learners, ds, progress=progress, desc=desc)
     res.update(split=split_set, seconds=round(time.perf_counter() - t0, 3))
     return res
 
@@ -126,6 +137,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-shot-only", action="store_true", help="run only the one-shot benchmark")
     p.add_argument("--output", help="JSON report path (default: <run folder>/eval-<split-set>.json, or ./eval.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun (the test tasks split across the processes): how long a process waits "
+                        "for the others (default 1800)")
     return p
 
 
@@ -139,9 +153,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
         if args.dataset_root is not None and not Path(args.dataset_root).exists():
             raise ValueError(f"--dataset-root: {args.dataset_root} does not exist")
+        from . import distributed as D
         from .train import _check_device
 
         device = _check_device(args.device)
+        if D.launched_by_torchrun():
+            device = D.init_from_env(device, args.dist_timeout)
         paths = resolve_members(args.paths, args.top_k)
         learners, ckpts = load_members(paths, args.backend, device)
         data = C.DataOptions.from_dict(ckpts[0]["data"])
@@ -159,6 +176,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 for p, c in zip(paths, ckpts)],
                     "ensemble_size": len(paths), "config": cfg.to_dict(), "data": data.to_dict(),
                     "backend": learners[0].backend, "device": str(device)}
+    import torch.distributed as dist
+
+    main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     t0 = time.perf_counter()
     try:
         if not args.one_shot_only:
@@ -166,10 +186,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                                        batch_size=args.eval_batch_size, data=data, progress=not args.no_progress,
                                        learners=learners, ckpts=ckpts)
             report[args.split_set] = res
-            print(f"{args.split_set}: accuracy {100 * res['accuracy']:.2f}% ± {100 * res['ci95']:.2f}% "
-                  f"(95% CI over {res['num_tasks']} tasks, {len(paths)} model(s); members "
-                  f"{', '.join(f'{100 * a:.2f}%' for a in res['member_accuracies'])})", flush=True)
-        if args.one_shot or args.one_shot_only:
+            if main_process:
+                print(f"{args.split_set}: accuracy {100 * res['accuracy']:.2f}% ± {100 * res['ci95']:.2f}% "
+                      f"(95% CI over {res['num_tasks']} tasks, {len(paths)} model(s); members "
+                      f"{', '.join(f'{100 * a:.2f}%' for a in res['member_accuracies'])})", flush=True)
+        if (args.one_shot or args.one_shot_only) and main_process:
             if data.split != "lake":
                 print("warning: the one-shot benchmark's characters come from the evaluation alphabets; with the "
                       f"{data.split!r} split the model may have trained on them", file=sys.stderr)
@@ -180,6 +201,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     report["seconds"] = round(time.perf_counter() - t0, 3)
+    if not main_process:
+        dist.destroy_process_group()
+        return 0
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     if args.output:
         out = Path(args.output)
     elif len(args.paths) == 1 and Path(args.paths[0]).is_dir():

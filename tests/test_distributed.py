@@ -159,6 +159,20 @@ def test_meta_batch_not_divisible_is_a_clear_error(tmp_path, fake_root):
     assert "cannot be split evenly across 3 processes" in proc.stderr
 
 
+def test_eval_split_across_processes_matches_one_process(tmp_path, fake_root):
+    from mamlpp_ext import evaluate as E
+
+    assert T.main(_cli_args(fake_root, tmp_path / "run", "--epochs", "1")) == 0
+    common = [str(tmp_path / "run"), "--tasks", "10", "--eval-batch-size", "3", "--no-progress"]
+    assert E.main(common + ["--output", str(tmp_path / "one.json")]) == 0
+    _check(torchrun(2, "-m", "mamlpp_ext.evaluate", *common, "--output", str(tmp_path / "two.json")))
+    one = json.loads((tmp_path / "one.json").read_text())["test"]
+    two = json.loads((tmp_path / "two.json").read_text())["test"]
+    assert two["num_tasks"] == one["num_tasks"] == 10
+    assert two["task_accuracies"] == pytest.approx(one["task_accuracies"], abs=1e-12)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------
 # A failing process ends the whole job
 # ---------------------------------------------------------------------------------------------
