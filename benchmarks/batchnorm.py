@@ -23,39 +23,6 @@ import timing  # benchmarks/ is on sys.path when run as a script or through inne
 PASSES = ("fwd", "fwd+bwd", "fwd+bwd+dbwd")
 
 
-def interleaved_medians(fns: dict, device: torch.device, repeats: int, warmup: int = 2, rounds: int = 5) -> dict:
-    """Median seconds per call of each fn, timed in alternating rounds (fair on a noisy machine).
-
-    Each of ``rounds`` rounds times ``repeats // rounds`` calls of every fn in turn (CUDA: events
-    around each call), so slow drifts of the machine's load hit all fns alike.
-    """
-    import statistics
-    import time
-
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = {k: [] for k in fns}
-    per_round = max(1, repeats // rounds)
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            for _ in range(per_round):
-                if device.type == "cuda":
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    fn()
-                    b.record()
-                    b.synchronize()
-                    times[k].append(a.elapsed_time(b) / 1e3)
-                else:
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t0)
-    return {k: {"median": statistics.median(v), "min": min(v), "runs": len(v)} for k, v in times.items()}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("batchnorm benchmark")
     g.add_argument("--bn-dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"],
@@ -75,14 +42,6 @@ def fused_bytes(numel: int, elem_size: int, pass_name: str, leaky: bool) -> int 
     bwd = 5 + (2 if leaky else 0)
     per = {"fwd": fwd, "fwd+bwd": fwd + bwd}.get(pass_name)
     return None if per is None else per * numel * elem_size
-
-
-def copy_bandwidth(device: torch.device, numel: int, repeats: int = 5) -> float:
-    """Device copy bandwidth in GB/s (read + write) of a float32 tensor of numel elements."""
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    t = interleaved_medians({"copy": lambda: dst.copy_(src)}, device, repeats, rounds=1)["copy"]["median"]
-    return 2 * numel * 4 / t / 1e9
 
 
 def cases(include_large: bool = True):
@@ -157,7 +116,7 @@ def run(args) -> list[dict]:
                     rm = torch.zeros(5, C, device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
                     rv = torch.ones_like(rm)
                     calls[impl] = _callable(fn, pass_name, x, w, b, gy, T, leaky, rm, rv)
-                result = interleaved_medians(calls, device, reps)
+                result = timing.interleaved_medians(calls, device, reps)
                 plain_t, fused_t = result["plain"]["median"], result["fused"]["median"]
                 moved = fused_bytes(numel, x.element_size(), pass_name, leaky)
                 rows.append({
@@ -169,7 +128,7 @@ def run(args) -> list[dict]:
                 })
     if rows:
         largest = max(r["elements"] for r in rows)
-        bw = copy_bandwidth(device, largest, repeats=3 if args.quick else 10)
+        bw = timing.copy_bandwidth(device, largest, repeats=3 if args.quick else 10)
         for r in rows:
             r["copy_GBps"] = bw
             r["pct_of_copy_bw"] = None if r["fused_GBps"] is None else 100 * r["fused_GBps"] / bw

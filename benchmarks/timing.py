@@ -19,6 +19,20 @@ def _sync(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of one ``fn()`` call: CUDA events around it on CUDA, the wall clock on CPU."""
+    if device.type == "cuda":
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def median_time(fn: Callable[[], object], device: torch.device | str = "cpu", *, warmup: int = 3,
                 repeats: int = 20, min_time: float = 0.0) -> dict:
     """Median wall time of ``fn()`` in seconds (CUDA: events around each call).
@@ -33,21 +47,40 @@ def median_time(fn: Callable[[], object], device: torch.device | str = "cpu", *,
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < repeats or (time.perf_counter() - start_all) < min_time:
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+        times.append(time_call(fn, device))
         if len(times) >= 10 * max(repeats, 1):
             break
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
     return {"median": statistics.median(times), "min": min(times), "iqr": q[2] - q[0], "runs": len(times)}
+
+
+def interleaved_medians(fns: dict, device: torch.device | str, repeats: int, warmup: int = 2,
+                        rounds: int = 5) -> dict:
+    """Median seconds per call of each fn, timed in alternating rounds (fair on a noisy machine).
+
+    Each of ``rounds`` rounds times ``repeats // rounds`` calls of every fn in turn, so slow
+    drifts of the machine's load hit all fns alike. Returns {name: {"median", "min", "runs"}}.
+    """
+    device = torch.device(device)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict = {k: [] for k in fns}
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(per_round):
+                times[k].append(time_call(fn, device))
+    return {k: {"median": statistics.median(v), "min": min(v), "runs": len(v)} for k, v in times.items()}
+
+
+def copy_bandwidth(device: torch.device | str, numel: int, repeats: int = 5) -> float:
+    """Same-device ``copy_`` bandwidth in GB/s (bytes read + written) of a float32 tensor."""
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, repeats=repeats)["median"]
+    return 2 * numel * 4 / t / 1e9
 
 
 def machine(device: torch.device | str = "cpu") -> dict:

@@ -38,14 +38,6 @@ def _large_shapes(total: int):
     return [(per,)] * 15 + [(total - 15 * per,)]
 
 
-def _copy_bandwidth(device, numel, repeats):
-    """Device-to-device copy bandwidth (GB/s, read + write) of a numel-element float32 tensor."""
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    t = timing.median_time(lambda: dst.copy_(src), device, repeats=repeats)
-    return 2 * numel * 4 / t["median"] / 1e9
-
-
 def run(args) -> list[dict]:
     import mamlpp_ext
     from mamlpp_ext import reference as ref
@@ -59,7 +51,7 @@ def run(args) -> list[dict]:
     rows = []
     cases = [("omniglot-10-tensors", OMNIGLOT_SHAPES, 8), ("omniglot-10-tensors", OMNIGLOT_SHAPES, 16),
              ("large-list", _large_shapes(args.update_large_elems), 1)]
-    copy_bw = _copy_bandwidth(device, args.update_large_elems, max(3, repeats // 5))
+    copy_bw = timing.copy_bandwidth(device, args.update_large_elems, max(3, repeats // 5))
     for name, shapes, T in cases:
         numel = T * sum(torch.Size(s).numel() for s in shapes)
         reps = max(3, repeats // 5) if numel > 10_000_000 else repeats
