@@ -82,7 +82,7 @@ def _run(rank, world, args, port, out_q):
                    "allreduce_s": statistics.median(reduce_times[1:]) if reduce_times else 0.0,
                    "allreduce_floats": numel if world > 1 else 0, "threads": torch.get_num_threads()})
     if world > 1:
-        dist.destroy_process_group()
+        D.leave_process_group()
 
 
 def _free_port():

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from . import _training_common as C
 from .train import Trainer
 
-__all__ = ["DistributedTrainer", "flat_mean_", "init_from_env", "launched_by_torchrun"]
+__all__ = ["DistributedTrainer", "flat_mean_", "init_from_env", "launched_by_torchrun", "leave_process_group"]
 
 
 def launched_by_torchrun() -> bool:
@@ -66,6 +66,18 @@ def init_from_env(device: str | torch.device, timeout_s: float = 1800.0) -> torc
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
     return dev
+
+
+def leave_process_group(ok: bool = True) -> None:
+    """Destroy the process group, if any. ``ok``: every process got here the same way (done or
+    stopped together), so a barrier first makes sure none tears its connections down while
+    another still uses them (which made gloo abort a process now and then). After a failure
+    there is no barrier: the others may never arrive."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def flat_mean_(tensors: list[torch.Tensor], world_size: Optional[int] = None) -> None:

@@ -201,11 +201,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     report["seconds"] = round(time.perf_counter() - t0, 3)
+    from .distributed import leave_process_group
+
+    leave_process_group()
     if not main_process:
-        dist.destroy_process_group()
         return 0
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
     if args.output:
         out = Path(args.output)
     elif len(args.paths) == 1 and Path(args.paths[0]).is_dir():

@@ -570,12 +570,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if trainer.is_main:
         print(f"mamlpp-train: {trainer.learner!r}, run folder {trainer.run_dir}, starting at epoch {trainer.epoch} "
               f"iteration {trainer.iteration}{where}", file=sys.stderr, flush=True)
+    ok = False
     try:
         out = trainer.fit(stop_at_iteration=args.stop_at_iteration)
+        ok = True
         if out.get("interrupted") and trainer.is_main:
             print(f"mamlpp-train: stopped at iteration {trainer.iteration} (--stop-at-iteration); checkpoint "
                   f"saved to {trainer.latest_path}", file=sys.stderr, flush=True)
     except TrainingInterrupted as exc:
+        ok = True  # every process stopped after the same step
         print(f"mamlpp-train{where}: {exc}", file=sys.stderr, flush=True)
         return 128 + exc.signum
     except Exception as exc:  # noqa: BLE001
@@ -588,10 +591,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 1
     finally:
         if where:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            D.leave_process_group(ok)
     if out.get("interrupted"):
         return 0
     best = trainer.best[0] if trainer.best else None

@@ -66,7 +66,7 @@ def equivalence(out_path):
         states[f"{backend}-{so}"] = run_steps(backend, so, rank, world)
     if rank == 0:
         torch.save(states, out_path)
-    dist.destroy_process_group()
+    D.leave_process_group()
 
 
 def fail(root, run_dir):
