@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .config import MAMLConfig
+from .data._common import atomic_write  # noqa: F401  (re-exported: C.atomic_write)
 
 CHECKPOINT_FORMAT = "mamlpp_ext.train.checkpoint/1"
 SPLITS = ("maml", "lake")
@@ -41,40 +42,7 @@ SPLITS = ("maml", "lake")
 # Atomic files
 # ---------------------------------------------------------------------------
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Write ``path`` through ``write(file)`` so that it is either the old or the new file, never
-    a torn one: write a temporary file beside it, flush and fsync it, ``os.replace`` it over
-    ``path``, then fsync the folder. On any error the temporary file is removed and ``path`` is
-    left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
+# One writer for the data cache and the run folder: mamlpp_ext.data._common.atomic_write.
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

@@ -18,13 +18,13 @@ import torch.distributed as dist
 import mamlpp_ext
 from mamlpp_ext import _training_common as C
 from mamlpp_ext import train as T
-from mamlpp_ext.data.synthetic import make_fake_omniglot
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_worker as W  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available"),
+              pytest.mark.usefixtures("tmp_cache")]  # fake_root and tmp_cache: conftest.py
 
 HERE = Path(__file__).resolve().parent
 
@@ -74,18 +74,6 @@ def test_two_processes_match_one_process(tmp_path):
 
 TINY = dict(ways=3, shots=1, queries=1, meta_batch=4, num_stages=2, num_filters=4, inner_steps=2,
             eval_inner_steps=2, msl_epochs=2)
-
-
-@pytest.fixture(scope="module")
-def fake_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("omniglot")
-    make_fake_omniglot(root, alphabets=(4, 2), characters=6, drawings=4)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MAMLPP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
 def _cli_args(root, run_dir, *extra):

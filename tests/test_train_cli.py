@@ -23,7 +23,6 @@ import torch
 from mamlpp_ext import _training_common as C
 from mamlpp_ext import train as T
 from mamlpp_ext.config import MAMLConfig, from_preset
-from mamlpp_ext.data.synthetic import make_fake_omniglot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,16 +32,7 @@ TINY_SETS = [f"--set={k}={v}" for k, v in TINY.items() if k not in ("total_epoch
                                                                     "eval_tasks")]
 
 
-@pytest.fixture(scope="module")
-def fake_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("omniglot")
-    make_fake_omniglot(root, alphabets=(4, 2), characters=6, drawings=4)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MAMLPP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+pytestmark = pytest.mark.usefixtures("tmp_cache")  # fake_root and tmp_cache: conftest.py
 
 
 def _data(root) -> C.DataOptions:

@@ -133,8 +133,8 @@ struct LslrScaleFunctor {
 // addresses[0]: xs, [1]: ys (each dense or task-broadcast). Writes the block's sum of x * y to
 // partial[k * max_chunks + chunk]. Every thread accumulates in float64, as the CPU kernel does: a
 // float32 running sum over a thread's share of a chunk lost ~3e-5 relative accuracy on the
-// rates' gradient (a sum of ~300k products; measured on an H100), and the kernel is
-// memory-bound, so the float64 adds cost nothing measurable.
+// rates' gradient (a sum of ~300k products; measured on an H100). The kernel is memory-bound,
+// so the float64 adds should be cheap on GPUs with full-rate FP64; not yet timed on one.
 template <typename scalar_t>
 struct LslrDotPartialFunctor {
   __device__ __forceinline__ void operator()(const TensorListMetadata<2>& meta, double* partial,

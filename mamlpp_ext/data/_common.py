@@ -252,9 +252,27 @@ def file_listing(paths: Iterable[Path], base: Path) -> list:
 # --------------------------------------------------------------------------- cache entries
 
 
-def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write ``path`` through ``write(file)`` so that it is either the old or the new file, never
+    a torn one: write a temporary file beside it (the folder is created), flush and fsync it,
+    ``os.replace`` it over ``path``, then fsync the folder. On any error the temporary file is
+    removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -267,6 +285,7 @@ def _atomic_write(path: Path, write: Callable[[io.BufferedWriter], None]) -> Non
         except FileNotFoundError:
             pass
         raise
+    _fsync_dir(path.parent)
 
 
 class CacheEntry:
@@ -299,10 +318,10 @@ class CacheEntry:
         """Write ``images`` then ``meta.json`` atomically; remove arrays of older fingerprints."""
         self.folder.mkdir(parents=True, exist_ok=True)
         images_file = f"images-{fingerprint[:20]}.npy"
-        _atomic_write(self.folder / images_file, lambda f: np.save(f, images, allow_pickle=False))
+        atomic_write(self.folder / images_file, lambda f: np.save(f, images, allow_pickle=False))
         meta = dict(meta, fingerprint=fingerprint, cache_version=CACHE_VERSION, images_file=images_file,
                     shape=list(images.shape), dtype=str(images.dtype))
-        _atomic_write(self.meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        atomic_write(self.meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
         for old in self.folder.glob("images-*.npy"):
             if old.name != images_file:
                 try:

@@ -258,11 +258,7 @@ class EpisodeDataset(torch.utils.data.Dataset):
         return Episode(sup, sy, qry, qy)
 
     def __getitem__(self, batch_index: int) -> Episode:
-        b = int(batch_index)
-        if b < 0:
-            b += len(self)
-        if not 0 <= b < len(self):
-            raise IndexError(f"meta-batch {batch_index} out of range [0, {len(self)})")
+        b = _meta_batch_index(batch_index, len(self))
         start = b * self.meta_batch_size
         return self.tasks(start, min(start + self.meta_batch_size, self.num_tasks))
 
@@ -311,11 +307,7 @@ class EpisodeShard(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, batch_index: int) -> Episode:
-        b = int(batch_index)
-        if b < 0:
-            b += len(self)
-        if not 0 <= b < len(self):
-            raise IndexError(f"meta-batch {batch_index} out of range [0, {len(self)})")
+        b = _meta_batch_index(batch_index, len(self))
         start = b * self.dataset.meta_batch_size + self.index * self.per_shard
         return self.dataset.tasks(start, start + self.per_shard)
 
@@ -325,6 +317,16 @@ class EpisodeShard(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"EpisodeShard({self.index}/{self.count} of {self.dataset!r})"
+
+
+def _meta_batch_index(batch_index: int, count: int) -> int:
+    """``batch_index`` as an index in [0, count) (negative counts from the end), else IndexError."""
+    b = int(batch_index)
+    if b < 0:
+        b += count
+    if not 0 <= b < count:
+        raise IndexError(f"meta-batch {batch_index} out of range [0, {count})")
+    return b
 
 
 def _ordered_loader(dataset, start: int, *, num_workers: int = 0, pin_memory: bool = False,
