@@ -1,5 +1,5 @@
 """Benchmark of the fused per-step batch norm (``mamlpp_ext.ops.task_batch_norm``) against the
-plain-PyTorch path (``mamlpp_ext.reference.task_batch_norm``: repeat gamma/beta T times, ATen's
+plain-PyTorch path (``mamlpp_ext.ops.reference.task_batch_norm``: repeat gamma/beta T times, ATen's
 ``F.batch_norm`` on (N, T*C, H, W), the running-statistics update, optional LeakyReLU).
 
 Cases: the four conv stages of the Omniglot network (C = 64; 28, 14, 7, 3 spatial) at T = 8 tasks
@@ -91,7 +91,7 @@ def _callable(fn, pass_name, x, w, b, gy, T, leaky, rm, rv):
 
 def run(args) -> list[dict]:
     import mamlpp_ext
-    from mamlpp_ext import reference as ref
+    from mamlpp_ext.ops import reference as ref
 
     mamlpp_ext.require_extension("the batchnorm benchmark")
     from mamlpp_ext import ops

@@ -43,9 +43,9 @@ def _batch(cfg, T, device, seed):
 
 
 def _run(rank, world, args, port, out_q):
-    from mamlpp_ext import distributed as D
-    from mamlpp_ext.config import from_preset
-    from mamlpp_ext.meta_learner import MAMLPlusPlus
+    from mamlpp_ext.training import distributed as D
+    from mamlpp_ext.model.config import from_preset
+    from mamlpp_ext.model.meta_learner import MAMLPlusPlus
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world) if args.threads is None else args.threads)
     device = torch.device(args.device if args.device == "cpu" else f"cuda:{rank}")

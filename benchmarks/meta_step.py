@@ -70,8 +70,8 @@ def _batch(cfg, device, dtype, seed=0):
 def run(args) -> list[dict]:
     """Time one training meta-step per (case, backend); returns one row per pair."""
     import mamlpp_ext
-    from mamlpp_ext.config import from_preset
-    from mamlpp_ext.meta_learner import MAMLPlusPlus
+    from mamlpp_ext.model.config import from_preset
+    from mamlpp_ext.model.meta_learner import MAMLPlusPlus
 
     device = torch.device(args.device)
     dtype = getattr(torch, getattr(args, "meta_step_dtype", "float32"))

@@ -1,5 +1,5 @@
 """Benchmark of the fused LSLR inner-loop update (``mamlpp_ext.ops.lslr_update``) against the
-per-tensor PyTorch reference (``mamlpp_ext.reference.lslr_update``).
+per-tensor PyTorch reference (``mamlpp_ext.ops.reference.lslr_update``).
 
 Cases: the Omniglot MAML++ network's 10 fast-weight tensors (SPEC §2) at T = 8 and T = 16 tasks,
 and one list of 64M elements in total (bandwidth). Passes: forward (no autograd graph), and
@@ -40,7 +40,7 @@ def _large_shapes(total: int):
 
 def run(args) -> list[dict]:
     import mamlpp_ext
-    from mamlpp_ext import reference as ref
+    from mamlpp_ext.ops import reference as ref
 
     mamlpp_ext.require_extension("the update benchmark")
     from mamlpp_ext import ops

@@ -1,64 +1,50 @@
 """mamlpp_ext: fast MAML++ meta-learning for PyTorch.
 
-Importing the package loads the compiled extension ``mamlpp_ext._C`` (which
-registers the ``torch.ops.mamlpp_ext.*`` operators with the dispatcher) and then
-``mamlpp_ext.ops`` (fake kernels and autograd formulas, registered from Python).
+The package has four layers; imports point down only (application → model → ops; data stands
+beside the model and is used by the application):
 
-The pure-PyTorch parts (reference ops, network, meta-learner with the
-``sequential`` and ``batched`` backends, data) work without the compiled
-extension; ``has_extension()`` says whether it was found, and
-``extension_error()`` why not.
+* :mod:`mamlpp_ext.ops` — the compiled operators (``lslr_update``, ``task_batch_norm``), their
+  fake kernels and autograd, and their pure-PyTorch twins (``ops.reference``);
+* :mod:`mamlpp_ext.model` — ``MAMLConfig`` and the presets, the MAML++ schedules, task-batched
+  networks (the VGG net of the paper, or any ``nn.Sequential`` of standard layers) and the
+  ``MAMLPlusPlus`` meta-learner with its backends;
+* :mod:`mamlpp_ext.data` — Omniglot, mini-ImageNet, episode streams, the one-shot benchmark;
+* :mod:`mamlpp_ext.training` — the trainer, checkpoints, scoring, distributed training and the
+  ``mamlpp-train`` / ``mamlpp-eval`` / ``mamlpp-plot`` commands.
+
+Importing the package loads the compiled extension when it was built; without it the
+``sequential`` and ``batched`` backends and everything else in pure Python work, and
+``extension_error()`` says why the kernels are missing.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import torch  # noqa: F401  (loads libtorch, which _C links against)
-
-_EXTENSION_ERROR: str | None = None
-try:
-    from . import _C  # noqa: F401  (registers the operators)
-except ImportError as exc:  # the package can be used without the kernels
-    _EXTENSION_ERROR = (
-        f"the compiled extension mamlpp_ext._C could not be imported ({exc}); "
-        "build it with `pip install --no-build-isolation .` (or `make build`)"
-    )
-
-if _EXTENSION_ERROR is None:
-    from . import ops  # noqa: F401,E402  (registers fake kernels and autograd)
-
-
-def has_extension() -> bool:
-    """True when the compiled operators are available."""
-    return _EXTENSION_ERROR is None
+from . import ops
+from .model import MAMLConfig, MAMLPlusPlus, from_preset, preset_names  # noqa: E402
+from .ops import has_extension, require_extension  # noqa: E402
 
 
 def extension_error() -> str | None:
     """Why the compiled extension is unavailable, or None when it is loaded."""
-    return _EXTENSION_ERROR
-
-
-def require_extension(what: str = "this feature") -> None:
-    """Raise a RuntimeError that explains how to build the extension."""
-    if _EXTENSION_ERROR is not None:
-        raise RuntimeError(f"{what} needs the compiled mamlpp_ext kernels, but {_EXTENSION_ERROR}")
+    return ops.EXTENSION_ERROR
 
 
 def cuda_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    if _EXTENSION_ERROR is not None:
-        return False
-    import torch
-
-    return int(torch.ops.mamlpp_ext._cuda_version()) > 0
+    return bool(build_info()["cuda"])
 
 
 def build_info() -> dict:
     """What was compiled: extension present, CUDA kernels built and the CUDA version."""
-    if _EXTENSION_ERROR is not None:
-        return {"extension": False, "cuda": False, "cuda_version": None, "error": _EXTENSION_ERROR}
+    if not has_extension():
+        return {"extension": False, "cuda": False, "cuda_version": None, "error": ops.EXTENSION_ERROR}
     import torch
 
     v = int(torch.ops.mamlpp_ext._cuda_version())
     return {"extension": True, "cuda": v > 0, "cuda_version": (v // 1000, (v % 1000) // 10) if v > 0 else None}
+
+
+__all__ = ["MAMLConfig", "MAMLPlusPlus", "__version__", "build_info", "cuda_built", "extension_error",
+           "from_preset", "has_extension", "preset_names", "require_extension"]

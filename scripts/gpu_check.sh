@@ -124,7 +124,7 @@ if ! skipped train && [ -n "${MAMLPP_OMNIGLOT_ROOT:-}" ]; then
   rm -rf "$RUN"
   {
     echo "== train: omniglot-5way-1shot, full public schedule, fused, cuda, stopped after ${TRAIN_SECONDS}s"
-    timeout -s TERM -k 30 "$TRAIN_SECONDS" "$PY" -m mamlpp_ext.train --preset omniglot-5way-1shot \
+    timeout -s TERM -k 30 "$TRAIN_SECONDS" "$PY" -m mamlpp_ext.training.train --preset omniglot-5way-1shot \
       --backend fused --device cuda --workers 4 --run-dir "$RUN" --no-progress --log-every 100
     echo "train exit: $?"
     echo "== metrics.csv"; cat "$RUN/metrics.csv" 2>/dev/null
@@ -132,7 +132,7 @@ if ! skipped train && [ -n "${MAMLPP_OMNIGLOT_ROOT:-}" ]; then
     grep '"kind": *"interrupt"' "$RUN/metrics.jsonl" 2>/dev/null | tail -1
     if [ -f "$RUN/checkpoints/best.json" ]; then TARGET="$RUN"; else TARGET="$RUN/checkpoints/latest.pt"; fi
     echo "== eval: $TARGET"
-    timeout 60 "$PY" -m mamlpp_ext.evaluate "$TARGET" --device cuda
+    timeout 60 "$PY" -m mamlpp_ext.training.evaluate "$TARGET" --device cuda
     echo "eval exit: $?"
   } > "$OUTDIR/train.log" 2>&1
   status train done "$(grep -m1 'test: accuracy' "$OUTDIR/train.log" | cut -c1-100) (train.log)"

@@ -12,8 +12,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from mamlpp_ext import distributed as D  # noqa: E402
-from mamlpp_ext.meta_learner import MAMLPlusPlus  # noqa: E402
+from mamlpp_ext.training import distributed as D  # noqa: E402
+from mamlpp_ext.model.meta_learner import MAMLPlusPlus  # noqa: E402
 
 # shared with test_distributed.py: the runs it compares against
 COMBOS = [("batched", True), ("batched", False), ("fused", True), ("fused", False)]
@@ -21,7 +21,7 @@ STEPS = 3
 
 
 def equivalence_config(second_order):
-    from mamlpp_ext.config import MAMLConfig
+    from mamlpp_ext.model.config import MAMLConfig
 
     return MAMLConfig(image_channels=1, image_height=16, image_width=16, num_filters=6, ways=3, shots=2, queries=2,
                       meta_batch=4, inner_steps=3, eval_inner_steps=3, msl_epochs=4, total_epochs=20, seed=0,
@@ -71,14 +71,16 @@ def equivalence(out_path):
 
 def fail(root, run_dir):
     """Rank 1 raises at its third meta-step: the job must end, non-zero, on every rank."""
-    from mamlpp_ext import _training_common as C
-    from mamlpp_ext.config import MAMLConfig
+    from mamlpp_ext.model.config import MAMLConfig
+    from mamlpp_ext.training import run_data as RD
+    from mamlpp_ext.training.trainer import Trainer
 
     dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=60))
     cfg = MAMLConfig(ways=3, shots=1, queries=1, meta_batch=2, num_stages=2, num_filters=4, inner_steps=2,
                      eval_inner_steps=2, total_epochs=2, iterations_per_epoch=4, eval_tasks=4, msl_epochs=2)
-    data = C.DataOptions(root=root, split="lake", lake_val_alphabets=1, check_counts=False)
-    trainer = D.DistributedTrainer(cfg, run_dir, backend="batched", data=data, progress=False, tensorboard=False)
+    data = RD.DataOptions(root=root, split="lake", lake_val_alphabets=1, check_counts=False)
+    trainer = Trainer(cfg, run_dir, backend="batched", data=data, progress=False, tensorboard=False,
+                      strategy=D.DistributedStrategy())
     if dist.get_rank() == 1:
         real = trainer.learner.meta_step
 

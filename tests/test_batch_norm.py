@@ -3,7 +3,7 @@ batch_norm_update_stats_, _batch_norm_backward, _batch_norm_double_backward).
 
 Values, running statistics and first and second derivatives are compared with
 ``torch.nn.functional.batch_norm`` on the same (N, T*C, H, W) tensor with gamma/beta repeated T
-times (mamlpp_ext.reference.task_batch_norm) and with F.batch_norm on each task's slice; float64
+times (mamlpp_ext.ops.reference.task_batch_norm) and with F.batch_norm on each task's slice; float64
 gradcheck and gradgradcheck cover every variant; opcheck covers the dispatcher registrations.
 CPU here; the same checks and CPU/CUDA parity on a CUDA device when one is present.
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import mamlpp_ext
-from mamlpp_ext import reference as ref
+from mamlpp_ext.ops import reference as ref
 
 pytestmark = pytest.mark.skipif(not mamlpp_ext.has_extension(), reason=str(mamlpp_ext.extension_error()))
 

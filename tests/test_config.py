@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mamlpp_ext.config import MAMLConfig, from_preset, preset_names
+from mamlpp_ext.model.config import MAMLConfig, from_preset, preset_names
 
 SIX_COMPONENTS = ("use_msl", "per_step_bn_statistics", "per_step_bn_weights", "learnable_inner_lr",
                   "per_step_inner_lr", "cosine_annealing")

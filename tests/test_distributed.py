@@ -16,8 +16,11 @@ import torch
 import torch.distributed as dist
 
 import mamlpp_ext
-from mamlpp_ext import _training_common as C
-from mamlpp_ext import train as T
+from mamlpp_ext.training import checkpoints as ckp
+from mamlpp_ext.training import run_data as RD
+from mamlpp_ext.training import scoring as SC
+from mamlpp_ext.training import train as T
+from mamlpp_ext.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_worker as W  # noqa: E402
@@ -84,14 +87,14 @@ def _cli_args(root, run_dir, *extra):
 
 
 def _state(run_dir) -> dict:
-    return C.load_checkpoint(Path(run_dir) / "checkpoints" / "latest.pt")
+    return ckp.load_checkpoint(Path(run_dir) / "checkpoints" / "latest.pt")
 
 
 def _assert_close_states(a: dict, b: dict) -> None:
     assert (a["epoch"], a["iteration"]) == (b["epoch"], b["iteration"])
     la, lb = a["learner"], b["learner"]
-    from mamlpp_ext.config import MAMLConfig
-    from mamlpp_ext.meta_learner import MAMLPlusPlus
+    from mamlpp_ext.model.config import MAMLConfig
+    from mamlpp_ext.model.meta_learner import MAMLPlusPlus
 
     names = MAMLPlusPlus(MAMLConfig.from_dict(a["config"])).net.weight_names
     n = 0
@@ -117,7 +120,7 @@ def test_cli_resume_across_process_counts(tmp_path, fake_root):
     assert ref["iteration"] == 6 and not ref["interrupted"]
 
     # two processes until iteration 4 (mid-epoch), then one process to the end
-    _check(torchrun(2, "-m", "mamlpp_ext.train", *_cli_args(fake_root, tmp_path / "a", "--stop-at-iteration", "4")))
+    _check(torchrun(2, "-m", "mamlpp_ext.training.train", *_cli_args(fake_root, tmp_path / "a", "--stop-at-iteration", "4")))
     part = _state(tmp_path / "a")
     assert part["iteration"] == 4 and part["interrupted"]
     assert T.main(["--resume", "--run-dir", str(tmp_path / "a"), "--no-progress", "--no-tensorboard",
@@ -126,7 +129,7 @@ def test_cli_resume_across_process_counts(tmp_path, fake_root):
 
     # one process until iteration 2, then two processes to the end
     assert T.main(_cli_args(fake_root, tmp_path / "b", "--stop-at-iteration", "2")) == 0
-    _check(torchrun(2, "-m", "mamlpp_ext.train", "--resume", "--run-dir", str(tmp_path / "b"), "--no-progress",
+    _check(torchrun(2, "-m", "mamlpp_ext.training.train", "--resume", "--run-dir", str(tmp_path / "b"), "--no-progress",
                     "--no-tensorboard", "--threads", "1"))
     _assert_close_states(_state(tmp_path / "b"), ref)
 
@@ -142,18 +145,18 @@ def test_cli_resume_across_process_counts(tmp_path, fake_root):
 
 
 def test_meta_batch_not_divisible_is_a_clear_error(tmp_path, fake_root):
-    proc = torchrun(3, "-m", "mamlpp_ext.train", *_cli_args(fake_root, tmp_path / "c"))
+    proc = torchrun(3, "-m", "mamlpp_ext.training.train", *_cli_args(fake_root, tmp_path / "c"))
     assert proc.returncode != 0
     assert "cannot be split evenly across 3 processes" in proc.stderr
 
 
 def test_eval_split_across_processes_matches_one_process(tmp_path, fake_root):
-    from mamlpp_ext import evaluate as E
+    from mamlpp_ext.training import evaluate as E
 
     assert T.main(_cli_args(fake_root, tmp_path / "run", "--epochs", "1")) == 0
     common = [str(tmp_path / "run"), "--tasks", "10", "--eval-batch-size", "3", "--no-progress"]
     assert E.main(common + ["--output", str(tmp_path / "one.json")]) == 0
-    _check(torchrun(2, "-m", "mamlpp_ext.evaluate", *common, "--output", str(tmp_path / "two.json")))
+    _check(torchrun(2, "-m", "mamlpp_ext.training.evaluate", *common, "--output", str(tmp_path / "two.json")))
     one = json.loads((tmp_path / "one.json").read_text())["test"]
     two = json.loads((tmp_path / "two.json").read_text())["test"]
     assert two["num_tasks"] == one["num_tasks"] == 10

@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from mamlpp_ext import _training_common as C
-from mamlpp_ext import evaluate as E
-from mamlpp_ext import plot as P
-from mamlpp_ext import train as T
-from mamlpp_ext.config import MAMLConfig
+from mamlpp_ext.training import checkpoints as ckp
+from mamlpp_ext.training import run_data as RD
+from mamlpp_ext.training import scoring as SC
+from mamlpp_ext.training import evaluate as E
+from mamlpp_ext.training import plot as P
+from mamlpp_ext.training import train as T
+from mamlpp_ext.training.trainer import Trainer
+from mamlpp_ext.model.config import MAMLConfig
 from mamlpp_ext.data.synthetic import make_fake_omniglot
 
 TINY = dict(ways=3, shots=1, queries=1, meta_batch=2, num_stages=2, num_filters=4, inner_steps=2,
@@ -29,8 +32,8 @@ def run(tmp_path_factory):
     base = tmp_path_factory.mktemp("eval")
     mp.setenv("MAMLPP_CACHE_DIR", str(base / "cache"))
     root = make_fake_omniglot(base / "omniglot", alphabets=(4, 2), characters=6, drawings=4)
-    data = C.DataOptions(root=str(root), split="lake", lake_val_alphabets=1, check_counts=False)
-    tr = T.Trainer(MAMLConfig(**TINY), base / "run", backend="batched", data=data, keep_top_k=3, log_every=1,
+    data = RD.DataOptions(root=str(root), split="lake", lake_val_alphabets=1, check_counts=False)
+    tr = Trainer(MAMLConfig(**TINY), base / "run", backend="batched", data=data, keep_top_k=3, log_every=1,
                    progress=False, tensorboard=False, handle_signals=False)
     tr.fit()
     yield base / "run"
@@ -39,8 +42,8 @@ def run(tmp_path_factory):
 
 def test_confidence_interval_formula():
     a = [1.0, 0.0, 1.0, 1.0]
-    assert C.confidence_interval(a) == pytest.approx(1.96 * np.std(a) / 2.0)
-    assert C.confidence_interval([0.5] * 9) == 0.0
+    assert SC.confidence_interval(a) == pytest.approx(1.96 * np.std(a) / 2.0)
+    assert SC.confidence_interval([0.5] * 9) == 0.0
 
 
 def test_single_checkpoint_matches_learner_evaluate(run):
@@ -49,8 +52,8 @@ def test_single_checkpoint_matches_learner_evaluate(run):
     assert res["num_tasks"] == 10 and len(res["task_accuracies"]) == 10
     # recompute by hand with the learner's own evaluate on the same fixed tasks
     learners, ckpts = E.load_members([path])
-    data = C.DataOptions.from_dict(ckpts[0]["data"])
-    ds = C.eval_dataset(C.load_pools(learners[0].config, data)["test"], learners[0].config, data, 10, 5)
+    data = RD.DataOptions.from_dict(ckpts[0]["data"])
+    ds = RD.eval_dataset(RD.load_pools(learners[0].config, data)["test"], learners[0].config, data, 10, 5)
     accs = torch.cat([learners[0].evaluate(*ds[b])["task_accuracies"] for b in range(len(ds))]).double().numpy()
     assert res["accuracy"] == pytest.approx(accs.mean())
     assert res["ci95"] == pytest.approx(1.96 * accs.std() / math.sqrt(10))
@@ -62,9 +65,9 @@ def test_ensemble_averages_logits(run):
     best = json.loads((run / "checkpoints" / "best.json").read_text())
     assert [p.name for p in paths] == [b["path"] for b in best[:2]]
     learners, ckpts = E.load_members(paths)
-    data = C.DataOptions.from_dict(ckpts[0]["data"])
-    ds = C.eval_dataset(C.load_pools(learners[0].config, data)["test"], learners[0].config, data, 8, 4)
-    res = C.score_tasks(learners, ds)
+    data = RD.DataOptions.from_dict(ckpts[0]["data"])
+    ds = RD.eval_dataset(RD.load_pools(learners[0].config, data)["test"], learners[0].config, data, 8, 4)
+    res = SC.score_tasks(learners, ds)
     expect = []
     for b in range(len(ds)):
         sx, sy, qx, qy = ds[b]
@@ -102,7 +105,7 @@ def test_one_shot_benchmark_wiring(run, monkeypatch):
     from mamlpp_ext.data import OneShotRun
 
     cfg = MAMLConfig(**{**TINY, "ways": 20})
-    from mamlpp_ext.meta_learner import MAMLPlusPlus
+    from mamlpp_ext.model.meta_learner import MAMLPlusPlus
 
     learner = MAMLPlusPlus(cfg, backend="batched")
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import mamlpp_ext
-from mamlpp_ext import reference as ref
+from mamlpp_ext.ops import reference as ref
 
 pytestmark = pytest.mark.skipif(not mamlpp_ext.has_extension(), reason=str(mamlpp_ext.extension_error()))
 

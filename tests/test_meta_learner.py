@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import mamlpp_ext
-from mamlpp_ext.config import MAMLConfig, from_preset
-from mamlpp_ext.meta_learner import MAMLPlusPlus
-from mamlpp_ext.schedules import cosine_meta_lr, msl_weights
+from mamlpp_ext.model.config import MAMLConfig, from_preset
+from mamlpp_ext.model.meta_learner import MAMLPlusPlus
+from mamlpp_ext.model.schedules import cosine_meta_lr, msl_weights
 
 DT = torch.float64
 HAS_EXT = mamlpp_ext.has_extension()

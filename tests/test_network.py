@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mamlpp_ext.config import from_preset
-from mamlpp_ext.network import VGGNet, aten_batch_norm
+from mamlpp_ext.model.config import from_preset
+from mamlpp_ext.model.network import VGGNet, aten_batch_norm
 
 DT = torch.float64
 

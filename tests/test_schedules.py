@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from mamlpp_ext.config import MAMLConfig
-from mamlpp_ext.schedules import cosine_meta_lr, loss_weights, meta_lr_at, msl_weights, use_second_order
+from mamlpp_ext.model.config import MAMLConfig
+from mamlpp_ext.model.schedules import cosine_meta_lr, loss_weights, meta_lr_at, msl_weights, use_second_order
 
 
 @pytest.mark.parametrize("epoch,non_final,final", [(0, 0.2, 0.2), (5, 0.10, 0.60), (9, 0.02, 0.92)])

@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamlpp_ext import _training_common as C
-from mamlpp_ext import train as T
-from mamlpp_ext.config import MAMLConfig, from_preset
+from mamlpp_ext.training import checkpoints as ckp
+from mamlpp_ext.training import run_data as RD
+from mamlpp_ext.training import scoring as SC
+from mamlpp_ext.training import train as T
+from mamlpp_ext.training.trainer import Trainer
+from mamlpp_ext.model.config import MAMLConfig, from_preset
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,29 +38,29 @@ TINY_SETS = [f"--set={k}={v}" for k, v in TINY.items() if k not in ("total_epoch
 pytestmark = pytest.mark.usefixtures("tmp_cache")  # fake_root and tmp_cache: conftest.py
 
 
-def _data(root) -> C.DataOptions:
-    return C.DataOptions(root=str(root), split="lake", lake_val_alphabets=1, check_counts=False)
+def _data(root) -> RD.DataOptions:
+    return RD.DataOptions(root=str(root), split="lake", lake_val_alphabets=1, check_counts=False)
 
 
-def _trainer(run_dir, root, backend="batched", **kw) -> T.Trainer:
+def _trainer(run_dir, root, backend="batched", **kw) -> Trainer:
     cfg = kw.pop("config", None) or MAMLConfig(**TINY)
-    return T.Trainer(cfg, run_dir, backend=backend, data=_data(root), progress=False, tensorboard=False,
+    return Trainer(cfg, run_dir, backend=backend, data=_data(root), progress=False, tensorboard=False,
                      handle_signals=False, **kw)
 
 
-def _resume(run_dir, root, backend="batched", **kw) -> T.Trainer:
-    return T.Trainer(None, run_dir, backend=backend, data=_data(root), progress=False, tensorboard=False,
+def _resume(run_dir, root, backend="batched", **kw) -> Trainer:
+    return Trainer(None, run_dir, backend=backend, data=_data(root), progress=False, tensorboard=False,
                      handle_signals=False, resume=True, **kw)
 
 
-def _full_state(trainer: T.Trainer) -> dict:
+def _full_state(trainer: Trainer) -> dict:
     s = trainer.learner.state_dict()
     return {"theta": s["theta"], "bn_weight": s["bn_weight"], "bn_bias": s["bn_bias"],
             "running_mean": s["running_mean"], "running_var": s["running_var"], "lslr": [s["lslr"]],
             "adam": [v for st in s["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v)]}
 
 
-def _assert_same_state(a: T.Trainer, b: T.Trainer) -> None:
+def _assert_same_state(a: Trainer, b: Trainer) -> None:
     sa, sb = _full_state(a), _full_state(b)
     assert sa.keys() == sb.keys()
     n = 0
@@ -114,7 +117,7 @@ def test_short_run_writes_metrics_and_checkpoints(tmp_path, fake_root):
     val_by_epoch = {int(r["epoch"]): float(r["val_accuracy"]) for r in rows}
     ranked = sorted(val_by_epoch.items(), key=lambda kv: (-kv[1], kv[0]))[:2]
     assert [b["epoch"] for b in best] == [e for e, _ in ranked]
-    latest = C.load_checkpoint(ck / "latest.pt")
+    latest = ckp.load_checkpoint(ck / "latest.pt")
     assert latest["epoch"] == 3 and latest["iteration"] == 12 and not latest["interrupted"]
     assert json.loads((run / "config.json").read_text())["config"]["ways"] == 3
 
@@ -131,7 +134,7 @@ def test_top_k_retention_keeps_the_k_best(tmp_path, fake_root, monkeypatch):
     best = json.loads((ck / "best.json").read_text())
     assert [(b["epoch"], b["val_accuracy"]) for b in best] == [(3, 0.9), (1, 0.7)]
     # the kept epoch checkpoint holds that epoch's state
-    assert C.load_checkpoint(ck / "epoch-0003.pt")["iteration"] == 4
+    assert ckp.load_checkpoint(ck / "epoch-0003.pt")["iteration"] == 4
 
 
 def test_run_dir_with_checkpoint_needs_resume(tmp_path, fake_root):
@@ -176,12 +179,12 @@ def test_resume_restores_rng_and_drops_logs_after_the_checkpoint(tmp_path, fake_
     part.fit(stop_at_iteration=5)
     torch.manual_seed(7)
     expected = torch.rand(3)
-    ckpt = C.load_checkpoint(part.latest_path)
+    ckpt = ckp.load_checkpoint(part.latest_path)
     # a crash after logging but before the next checkpoint leaves stale records behind
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"kind": "train", "epoch": 1, "iteration": 6, "loss": 9.0}) + "\n")
     torch.manual_seed(7)
-    C.set_rng_state(C.rng_state())  # round trip of the format
+    ckp.set_rng_state(ckp.rng_state())  # round trip of the format
     assert torch.equal(torch.rand(3), expected)
     resumed = _resume(tmp_path / "run", fake_root, log_every=1)
     assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])
@@ -226,26 +229,26 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path, fake_root, monk
         tr.save_latest()
     monkeypatch.setattr(torch, "save", real_save)
     assert tr.latest_path.read_bytes() == good
-    assert C.load_checkpoint(tr.latest_path)["iteration"] == 4
+    assert ckp.load_checkpoint(tr.latest_path)["iteration"] == 4
     assert [p.name for p in tr.ckpt_dir.iterdir() if p.name.startswith(".")] == []  # no temp file left
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     p = tmp_path / "x.pt"
-    C.atomic_save({"a": torch.arange(3)}, p)
-    C.atomic_save({"a": torch.arange(5)}, p)
+    ckp.atomic_save({"a": torch.arange(3)}, p)
+    ckp.atomic_save({"a": torch.arange(5)}, p)
     assert torch.equal(torch.load(p, weights_only=True)["a"], torch.arange(5))
 
 
 def test_load_checkpoint_rejects_foreign_and_torn_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        C.load_checkpoint(tmp_path / "nope.pt")
+        ckp.load_checkpoint(tmp_path / "nope.pt")
     torch.save({"hello": 1}, tmp_path / "f.pt")
     with pytest.raises(ValueError, match="not a mamlpp_ext training checkpoint"):
-        C.load_checkpoint(tmp_path / "f.pt")
+        ckp.load_checkpoint(tmp_path / "f.pt")
     (tmp_path / "t.pt").write_bytes(b"\x80\x02garbage")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
-        C.load_checkpoint(tmp_path / "t.pt")
+        ckp.load_checkpoint(tmp_path / "t.pt")
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +258,7 @@ def test_load_checkpoint_rejects_foreign_and_torn_files(tmp_path):
 def test_sigterm_saves_a_checkpoint(tmp_path, fake_root):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "mamlpp_ext.train", *TINY_SETS, "--epochs", "50", "--iters-per-epoch", "200",
+    cmd = [sys.executable, "-m", "mamlpp_ext.training.train", *TINY_SETS, "--epochs", "50", "--iters-per-epoch", "200",
            "--eval-tasks", "3", "--dataset-root", str(fake_root), "--split", "lake", "--lake-val-alphabets", "1",
            "--allow-partial-data", "--run-dir", str(run), "--no-progress", "--no-tensorboard", "--log-every", "1",
            "--backend", "batched", "--threads", "1"]
@@ -273,7 +276,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path, fake_root):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "SIGTERM" in err and "checkpoint saved" in err
-    ck = C.load_checkpoint(run / "checkpoints" / "latest.pt")
+    ck = ckp.load_checkpoint(run / "checkpoints" / "latest.pt")
     assert ck["interrupted"] and ck["iteration"] >= 3
     last = json.loads(log.read_text().splitlines()[-1])
     assert last == {"kind": "interrupt", "epoch": 0, "iteration": ck["iteration"], "signal": "SIGTERM"}
@@ -299,7 +302,7 @@ def test_build_config_precedence(tmp_path):
 
 
 def test_every_preset_builds():
-    from mamlpp_ext.config import preset_names
+    from mamlpp_ext.model.config import preset_names
 
     for name in preset_names():
         assert T.build_config(name) == from_preset(name)
@@ -360,7 +363,7 @@ def test_short_real_omniglot_run_learns(tmp_path):
     cfg = from_preset("omniglot-5way-1shot", num_filters=16, meta_batch=4, inner_steps=2, eval_inner_steps=2,
                       second_order=False, use_msl=False, total_epochs=1, iterations_per_epoch=60, eval_tasks=100,
                       meta_lr=3e-3, cosine_annealing=False)
-    tr = T.Trainer(cfg, tmp_path / "run", backend=backend, progress=False, tensorboard=False, handle_signals=False,
+    tr = Trainer(cfg, tmp_path / "run", backend=backend, progress=False, tensorboard=False, handle_signals=False,
                    eval_batch_size=25)
     row = tr.fit()
     assert row["val_accuracy"] > 0.5, row  # chance is 0.2

@@ -10,7 +10,7 @@
   20-way one-shot benchmark (``all_runs.zip``).
 """
 
-from ._common import (CorruptImageError, DataError, DatasetNotFoundError, ImageStore,  # noqa: F401
+from ._common import (CorruptImageError, DataError, DatasetNotFoundError, ImageStore, atomic_write,  # noqa: F401
                       resolve_cache_dir)
 from .episodes import ClassPool, Episode, EpisodeDataset, EpisodeShard, TaskSpec  # noqa: F401
 from .omniglot import (OmniglotData, default_omniglot_root, load_omniglot, omniglot_episodes,  # noqa: F401
@@ -21,7 +21,7 @@ from .one_shot import OneShotRun, evaluate_one_shot, load_one_shot_runs  # noqa:
 
 __all__ = [
     "ClassPool", "CorruptImageError", "DataError", "DatasetNotFoundError", "Episode", "EpisodeDataset", "EpisodeShard",
-    "ImageStore", "OmniglotData", "TaskSpec", "default_omniglot_root", "load_omniglot", "omniglot_episodes",
+    "ImageStore", "OmniglotData", "atomic_write", "TaskSpec", "default_omniglot_root", "load_omniglot", "omniglot_episodes",
     "resolve_cache_dir", "resolve_omniglot_root", "IMAGENET_MEAN", "IMAGENET_STD", "MiniImageNetData",
     "load_mini_imagenet", "resolve_mini_imagenet_root", "OneShotRun", "evaluate_one_shot", "load_one_shot_runs",
 ]

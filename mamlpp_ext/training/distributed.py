@@ -1,6 +1,6 @@
 """Meta-training on several processes with torch.distributed (launched by ``torchrun``).
 
-    torchrun --nproc_per_node=4 -m mamlpp_ext.train --preset omniglot-20way-1shot --device cuda
+    torchrun --nproc_per_node=4 -m mamlpp_ext.training.train --preset omniglot-20way-1shot --device cuda
 
 NOTE [Distributed meta-training]
     The meta-batch of T tasks is split across the P processes (T % P == 0): process r runs tasks
@@ -36,15 +36,14 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from . import _training_common as C
-from .train import Trainer
+from .scoring import score_batches, summarize_scores
 
-__all__ = ["DistributedTrainer", "flat_mean_", "init_from_env", "launched_by_torchrun", "leave_process_group"]
+__all__ = ["DistributedStrategy", "flat_mean_", "init_from_env", "launched_by_torchrun", "leave_process_group"]
 
 
 def launched_by_torchrun() -> bool:
@@ -98,57 +97,47 @@ def flat_mean_(tensors: list[torch.Tensor], world_size: Optional[int] = None) ->
             offset += n
 
 
-class DistributedTrainer(Trainer):
-    """``Trainer`` for one of several processes of an initialised process group.
+class DistributedStrategy:
+    """The process strategy of one of several processes of an initialised process group (NOTE
+    [Process strategy] in trainer.py): rank 0 writes files, each process runs its share of every
+    meta-batch, one flat all-reduce per step averages what the learner hands over, validation
+    is split and gathered, and a signal on any process stops them all after the same step."""
 
-    Same arguments as ``Trainer``; progress bars and files come from rank 0 only.
-    """
-
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self) -> None:
         if not dist.is_initialized():
-            raise RuntimeError("DistributedTrainer needs an initialised process group (torchrun + init_from_env)")
+            raise RuntimeError("DistributedStrategy needs an initialised process group (torchrun + init_from_env)")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if self.rank != 0:
-            kwargs["progress"] = False
+        self.is_main = self.rank == 0
         self._agreed_stop = False
-        super().__init__(*args, **kwargs)
-        if self.config.meta_batch % self.world_size:
-            raise ValueError(f"meta_batch={self.config.meta_batch} tasks cannot be split evenly across "
-                             f"{self.world_size} processes; choose a meta_batch divisible by the number of processes")
-        self.learner.cross_process_mean = self._mean_across_processes
+        self._stop_signal: Callable[[], Optional[int]] = lambda: None
+        self._device = torch.device("cpu")
 
-    @property
-    def is_main(self) -> bool:
-        return getattr(self, "rank", 0) == 0
-
-    def _shard_training_stream(self, stream):
+    def shard(self, stream):
         return stream.shard(self.rank, self.world_size)
+
+    def attach(self, learner, stop_signal: Callable[[], Optional[int]]) -> None:
+        self._stop_signal = stop_signal
+        self._device = learner.device
+        learner.cross_process_mean = self._mean_across_processes
 
     def _mean_across_processes(self, tensors: list[torch.Tensor]) -> None:
         ref = tensors[-1]
-        flag = torch.full((1,), 1.0 if self._stop is not None else 0.0, dtype=ref.dtype, device=ref.device)
+        flag = torch.full((1,), 1.0 if self._stop_signal() is not None else 0.0, dtype=ref.dtype, device=ref.device)
         flat_mean_(tensors + [flag], self.world_size)
         if flag.item() > 0:  # one sync per step; meta_step reads its metrics back anyway
             self._agreed_stop = True
 
-    def _stop_requested(self, sync: bool = False) -> bool:
+    def stop_requested(self, stop_signal: Optional[int], sync: bool = False) -> bool:
         if sync:
-            dev = self.learner.device
-            flag = torch.tensor([1.0 if (self._stop is not None or self._agreed_stop) else 0.0], device=dev)
+            flag = torch.tensor([1.0 if (stop_signal is not None or self._agreed_stop) else 0.0], device=self._device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self._agreed_stop = bool(flag.item() > 0)
-        if self._agreed_stop and self._stop is None:
-            self._stop = signal.SIGTERM  # another process was signalled: stop as if this one was
+        # Without sync, a local signal counts once the next step's all-reduce has carried it.
         return self._agreed_stop
 
-    def validate(self) -> dict:
-        mine = range(self.rank, len(self.val_set), self.world_size)
-        scores = C.score_batches([self.learner], self.val_set, mine, progress=self.progress, desc="validation")
+    def validate(self, learner, dataset, progress: bool) -> dict:
+        mine = range(self.rank, len(dataset), self.world_size)
+        scores = score_batches([learner], dataset, mine, progress=progress and self.is_main, desc="validation")
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, scores)
-        return C.summarize_scores([s for part in gathered for s in part])
-
-    def save_latest(self, val: Optional[dict] = None, interrupted: bool = False):
-        if self.is_main:
-            return super().save_latest(val, interrupted)
-        return self.latest_path
+        return summarize_scores([s for part in gathered for s in part])

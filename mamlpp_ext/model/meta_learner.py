@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from ..ops import reference
 from .config import MAMLConfig, from_preset
 from .network import VGGNet, aten_batch_norm, fused_batch_norm
 from .schedules import loss_weights, meta_lr_at, use_second_order
@@ -113,12 +113,11 @@ class MAMLPlusPlus:
         self.net = VGGNet.from_config(config)
         self._update = reference.lslr_update
         if backend == "fused":
-            import mamlpp_ext
+            from .. import ops
 
-            if not mamlpp_ext.has_extension():
+            if not ops.has_extension():
                 raise RuntimeError(f"backend='fused' needs the compiled mamlpp_ext kernels, but "
-                                   f"{mamlpp_ext.extension_error()}; use backend='batched' or 'sequential'")
-            from . import ops
+                                   f"{ops.EXTENSION_ERROR}; use backend='batched' or 'sequential'")
 
             self._update = ops.lslr_update
             # The compiled per-step batch norm (forward, backward, double backward fused).

@@ -1,7 +1,7 @@
-"""Public wrappers, fake kernels and autograd formulas of the mamlpp_ext operators.
+"""The LSLR op family: public wrapper, fake kernels and autograd formulas.
 
 The schemas are in ``csrc/ops.cpp``, the kernels in ``csrc/cpu`` and ``csrc/cuda``, the
-pure-PyTorch twins in :mod:`mamlpp_ext.reference`. Here each op gets
+pure-PyTorch twins in :mod:`mamlpp_ext.ops.reference`. Here each op gets
 
 * a fake (meta) kernel, so ``torch.compile`` and ``torch.library.opcheck`` can trace it, and
 * an autograd formula written *with the compiled ops themselves*, so the backward is again
@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["lslr_update", "task_batch_norm"]
+__all__ = ["lslr_update"]
 
 _ops = torch.ops.mamlpp_ext
 
@@ -156,5 +156,3 @@ def _lslr_dot_backward(ctx, grad_out):
 torch.library.register_autograd("mamlpp_ext::_lslr_dot", _lslr_dot_backward,
                                 setup_context=_lslr_dot_setup)
 
-
-from .batch_norm_ops import task_batch_norm  # noqa: E402,F401  (registers the batch norm ops' fakes and autograd)

@@ -1,4 +1,4 @@
-"""Evaluation command of mamlpp_ext: ``mamlpp-eval`` / ``python -m mamlpp_ext.evaluate``.
+"""Evaluation command of mamlpp_ext: ``mamlpp-eval`` / ``python -m mamlpp_ext.training.evaluate``.
 
 Scores one checkpoint, or an ensemble of checkpoints (by default the top-k validation
 checkpoints of a run folder, ``ensemble_top_k`` of its config; SPEC §4), on the fixed test
@@ -20,8 +20,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import _training_common as C
-from .meta_learner import BACKENDS, MAMLPlusPlus
+from ..model import BACKENDS, MAMLPlusPlus
+from . import checkpoints as ckp
+from . import distributed as D
+from .run_data import DataOptions, eval_dataset, load_pools
+from .scoring import score_batches, score_tasks, summarize_scores
+from .trainer import check_device
 
 __all__ = ["resolve_members", "load_members", "evaluate_checkpoints", "one_shot_benchmark", "main"]
 
@@ -44,7 +48,7 @@ def resolve_members(paths: Sequence[str | Path], top_k: Optional[int] = None) ->
             best = json.loads(index.read_text())
             k = top_k
             if k is None:
-                k = C.load_checkpoint(p / "checkpoints" / best[0]["path"])["config"]["ensemble_top_k"]
+                k = ckp.load_checkpoint(p / "checkpoints" / best[0]["path"])["config"]["ensemble_top_k"]
             out += [p / "checkpoints" / b["path"] for b in best[:k]]
         elif p.is_file():
             out.append(p)
@@ -57,7 +61,7 @@ def load_members(paths: Sequence[Path], backend: Optional[str] = None, device=No
     """``(learners, checkpoints)`` for the given files; the task shapes must agree."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"--backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    ckpts = [C.load_checkpoint(p) for p in paths]
+    ckpts = [ckp.load_checkpoint(p) for p in paths]
     ref = ckpts[0]["config"]
     for p, c in zip(paths[1:], ckpts[1:]):
         diff = [f for f in _SHAPE_FIELDS if c["config"][f] != ref[f]]
@@ -70,7 +74,7 @@ def load_members(paths: Sequence[Path], backend: Optional[str] = None, device=No
 
 def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_tasks: int = 600,
                          batch_size: Optional[int] = None, backend: Optional[str] = None, device=None,
-                         data: Optional[C.DataOptions] = None, pools: Optional[dict] = None,
+                         data: Optional[DataOptions] = None, pools: Optional[dict] = None,
                          progress: bool = False, learners=None, ckpts=None) -> dict:
     """Score the ensemble of ``paths`` on ``num_tasks`` fixed tasks of ``split_set`` ("test" or
     "val"). ``data`` defaults to the first checkpoint's data options; ``pools`` skips loading.
@@ -80,9 +84,9 @@ def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_
     if learners is None:
         learners, ckpts = load_members(paths, backend, device)
     cfg = learners[0].config
-    data = data or C.DataOptions.from_dict(ckpts[0]["data"])
-    pools = pools if pools is not None else C.load_pools(cfg, data)
-    ds = C.eval_dataset(pools[split_set], cfg, data, num_tasks, batch_size or cfg.meta_batch)
+    data = data or DataOptions.from_dict(ckpts[0]["data"])
+    pools = pools if pools is not None else load_pools(cfg, data)
+    ds = eval_dataset(pools[split_set], cfg, data, num_tasks, batch_size or cfg.meta_batch)
     t0 = time.perf_counter()
     desc = f"{split_set} ({len(learners)} model(s))"
     import torch.distributed as dist
@@ -90,19 +94,19 @@ def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # under torchrun: each process scores every P-th batch; the scores are gathered
         rank, world = dist.get_rank(), dist.get_world_size()
-        mine = C.score_batches(learners, ds, range(rank, len(ds), world), progress=progress and rank == 0, desc=desc)
+        mine = score_batches(learners, ds, range(rank, len(ds), world), progress=progress and rank == 0, desc=desc)
         gathered: list = [None] * world
         dist.all_gather_object(gathered, mine)
-        res = C.summarize_scores([s for part in gathered for s in part])
+        res = summarize_scores([s for part in gathered for s in part])
     else:
-        res = C.score_tasks(learners, ds, progress=progress, desc=desc)
+        res = score_tasks(learners, ds, progress=progress, desc=desc)
     res.update(split=split_set, seconds=round(time.perf_counter() - t0, 3))
     return res
 
 
 def one_shot_benchmark(learners: Sequence[MAMLPlusPlus], root=None) -> dict:
     """Lake et al.'s 20 runs of 20-way 1-shot, predicted by the ensemble's averaged logits."""
-    from .data import evaluate_one_shot, load_one_shot_runs
+    from ..data import evaluate_one_shot, load_one_shot_runs
 
     cfg = learners[0].config
     if cfg.ways != 20 or cfg.shots != 1 or cfg.dataset != "omniglot":
@@ -153,15 +157,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ValueError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
         if args.dataset_root is not None and not Path(args.dataset_root).exists():
             raise ValueError(f"--dataset-root: {args.dataset_root} does not exist")
-        from . import distributed as D
-        from .train import _check_device
-
-        device = _check_device(args.device)
+        device = check_device(args.device)
         if D.launched_by_torchrun():
             device = D.init_from_env(device, args.dist_timeout)
         paths = resolve_members(args.paths, args.top_k)
         learners, ckpts = load_members(paths, args.backend, device)
-        data = C.DataOptions.from_dict(ckpts[0]["data"])
+        data = DataOptions.from_dict(ckpts[0]["data"])
         if args.dataset_root:
             data.root = args.dataset_root
         if args.cache_dir:
@@ -201,9 +202,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
     report["seconds"] = round(time.perf_counter() - t0, 3)
-    from .distributed import leave_process_group
-
-    leave_process_group()
+    D.leave_process_group()
     if not main_process:
         return 0
     if args.output:
@@ -212,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         out = Path(args.paths[0]) / f"eval-{args.split_set}.json"
     else:
         out = Path("eval.json")
-    C.atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    ckp.atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     print(f"report written to {out}", flush=True)
     return 0
 

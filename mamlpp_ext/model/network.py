@@ -89,7 +89,7 @@ def fused_batch_norm(x: Tensor, gamma: Tensor, beta: Tensor, running_mean: Optio
     The running-statistics rows (C,) are passed as (1, C) views with step 0, so the in-place
     update lands in the caller's row of its (S, C) table.
     """
-    from .ops import task_batch_norm
+    from ..ops import task_batch_norm
 
     if mode not in BN_MODES:
         raise ValueError(f"fused_batch_norm: unknown mode {mode!r}, expected one of {BN_MODES}")

@@ -2,14 +2,14 @@
 
 Schemas: ``csrc/ops.cpp``; kernels: ``csrc/cpu/batch_norm_cpu.cpp``,
 ``csrc/cuda/batch_norm_cuda.cu``; arithmetic: ``csrc/include/mamlpp/batch_norm.h`` (NOTE
-[Task-batched batch norm]); plain-PyTorch twin: :func:`mamlpp_ext.reference.task_batch_norm`.
+[Task-batched batch norm]); plain-PyTorch twin: :func:`mamlpp_ext.ops.reference.task_batch_norm`.
 
 Derivative chain (every order second-order MAML needs runs on fused kernels):
 
 * ``batch_norm`` / ``batch_norm_eval``  --backward-->  ``_batch_norm_backward``
 * ``_batch_norm_backward``  --backward-->  ``_batch_norm_double_backward``
 * ``_batch_norm_double_backward``  --backward-->  differentiates the pure-PyTorch twin
-  :func:`mamlpp_ext.reference.batch_norm_double_backward` (third order and beyond: correct, not
+  :func:`mamlpp_ext.ops.reference.batch_norm_double_backward` (third order and beyond: correct, not
   fused).
 """
 

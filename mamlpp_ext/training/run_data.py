@@ -1,0 +1,85 @@
+"""Where a run's episodes come from: data options, class pools and the episode streams.
+
+``DataOptions`` holds everything about the data that is not the task shape (which is in the
+``MAMLConfig``); ``load_pools`` gives the train/val/test class pools of ``config.dataset``;
+``train_dataset`` and ``eval_dataset`` the seeded training stream and the fixed evaluation tasks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from .. import data as D
+from ..model import MAMLConfig
+
+__all__ = ["SPLITS", "DataOptions", "eval_dataset", "load_pools", "train_dataset"]
+
+SPLITS = ("maml", "lake")
+
+
+@dataclass
+class DataOptions:
+    """Where a run's episodes come from (everything but the task shape, which is in the config).
+
+    ``root``: dataset folder (None: the data package's default); ``split``: Omniglot class
+    split ("maml" or "lake"); ``lake_val_alphabets``: held-out background alphabets of the
+    lake split; ``eval_seed``: seed of the fixed validation/test tasks (independent of the
+    training seed, so every run sees the same tasks); ``check_counts``: require the complete
+    dataset; ``cache_dir``: preprocessing cache; ``num_workers``: DataLoader workers for training.
+    """
+
+    root: Optional[str] = None
+    split: str = "maml"
+    lake_val_alphabets: int = 5
+    eval_seed: int = 0
+    check_counts: bool = True
+    cache_dir: Optional[str] = None
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        for name in ("lake_val_alphabets", "eval_seed", "num_workers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataOptions":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def load_pools(config: MAMLConfig, data: DataOptions) -> dict:
+    """The train/val/test ``ClassPool`` s of ``config.dataset``."""
+    if config.dataset == "omniglot":
+        od = D.load_omniglot(data.root, cache_dir=data.cache_dir, check_counts=data.check_counts,
+                             size=config.image_height)
+        if config.image_height != config.image_width or config.image_channels != 1:
+            raise ValueError(f"Omniglot images are 1×{config.image_height}×{config.image_height}; the config asks for "
+                             f"{config.image_shape} (image_channels/image_height/image_width)")
+        return od.split(data.split, seed=0, lake_val_alphabets=data.lake_val_alphabets)
+    if config.dataset == "mini-imagenet":
+        if data.split != "maml":
+            raise ValueError("--split applies to Omniglot only; mini-ImageNet uses its folder's train/val/test")
+        mi = D.load_mini_imagenet(data.root, cache_dir=data.cache_dir, check_counts=data.check_counts,
+                                  size=config.image_height)
+        return mi.split()
+    raise ValueError(f"MAMLConfig.dataset must be 'omniglot' or 'mini-imagenet', got {config.dataset!r}")
+
+
+def eval_dataset(pool, config: MAMLConfig, data: DataOptions, num_tasks: int, batch_size: int):
+    """The fixed evaluation tasks of ``pool`` (content independent of ``batch_size``)."""
+    return D.EpisodeDataset.evaluation(pool, config.ways, config.shots, config.queries, batch_size,
+                                     num_tasks=num_tasks, seed=data.eval_seed)
+
+
+def train_dataset(pool, config: MAMLConfig):
+    """The training stream: epochs × iterations meta-batches from ``config.seed`` (rotations on)."""
+    return D.EpisodeDataset.training(pool, config.ways, config.shots, config.queries, config.meta_batch,
+                                   num_batches=config.total_epochs * config.iterations_per_epoch, seed=config.seed)

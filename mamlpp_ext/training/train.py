@@ -1,0 +1,241 @@
+"""Training command of mamlpp_ext: ``mamlpp-train`` / ``python -m mamlpp_ext.training.train``.
+
+Builds the run's config (preset, config file, ``--set`` overrides), picks the process strategy
+(one process, or several under ``torchrun``) and runs a ``Trainer`` (``trainer.py``) over the
+run folder; ``--resume`` continues a run exactly where it stopped. See docs/training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from ..model import BACKENDS, MAMLConfig, from_preset, preset_names
+from . import checkpoints as ckp
+from . import distributed as D
+from .run_data import SPLITS, DataOptions
+from .trainer import Trainer, TrainingInterrupted
+
+__all__ = ["build_config", "main", "make_parser", "parse_value"]
+
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: null/none, true/false, an int, a float, else the string itself."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--config: no such file {path}")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            d = yaml.safe_load(text)
+        else:
+            d = json.loads(text)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"--config: cannot parse {path}: {exc}") from None
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise ValueError(f"--config: {path} must hold a mapping of config fields, got {type(d).__name__}")
+    return d
+
+
+def build_config(preset: Optional[str] = None, config_file: Optional[str] = None, sets: tuple = (),
+                 **fields: Any) -> MAMLConfig:
+    """The run's config: preset, then the config file's fields (it may name a ``preset`` too),
+    then ``--set key=value`` pairs, then explicit ``fields`` (those that are not None)."""
+    known = {f.name: f for f in dataclasses.fields(MAMLConfig)}
+    values: dict = {}
+    file_values = _read_config_file(config_file) if config_file else {}
+    file_preset = file_values.pop("preset", None)
+    preset = preset or file_preset
+    for origin, items in (("--config " + str(config_file), file_values), ("--set", None)):
+        if items is None:
+            items = {}
+            for s in sets:
+                if "=" not in s:
+                    raise ValueError(f"--set expects key=value, got {s!r}")
+                k, v = s.split("=", 1)
+                items[k.strip().replace("-", "_")] = parse_value(v)
+        for k, v in items.items():
+            if k not in known:
+                raise ValueError(f"{origin}: unknown config field {k!r}; known fields: {sorted(known)}")
+            values[k] = v
+    values.update({k: v for k, v in fields.items() if v is not None})
+    try:
+        if preset is not None:
+            return from_preset(preset, **values)
+        return MAMLConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mamlpp-train", description="Train a MAML++ (or MAML) meta-learner on Omniglot or mini-ImageNet.",
+        epilog="presets: " + ", ".join(preset_names()))
+    p.add_argument("--preset", help="a public setting (SPEC §4), e.g. omniglot-5way-1shot; see --list-presets")
+    p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
+    p.add_argument("--config", help="JSON or YAML file of MAMLConfig fields (may hold 'preset')")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a MAMLConfig field (repeatable), e.g. --set inner_steps=3 --set grad_clamp=null")
+    p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: fused when the extension is built)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--seed", type=int, help="seed of the initial weights and the training task stream")
+    p.add_argument("--epochs", type=int, help="total epochs (config total_epochs; the CA schedule spans them)")
+    p.add_argument("--iters-per-epoch", type=int, help="meta-steps per epoch (config iterations_per_epoch)")
+    p.add_argument("--eval-tasks", type=int, help="number of fixed validation tasks (config eval_tasks)")
+    p.add_argument("--eval-batch-size", type=int, help="tasks per evaluation batch (default: meta_batch)")
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the fixed validation/test tasks (default 0)")
+    p.add_argument("--dataset-root", help="dataset folder (default: the data package's, see docs/data.md)")
+    p.add_argument("--cache-dir", help="preprocessing cache folder (default $MAMLPP_CACHE_DIR or ~/.cache/mamlpp_ext)")
+    p.add_argument("--split", default="maml", choices=SPLITS, help="Omniglot class split (default maml)")
+    p.add_argument("--lake-val-alphabets", type=int, default=5, help="validation alphabets of the lake split")
+    p.add_argument("--allow-partial-data", action="store_true", help="accept an incomplete dataset copy")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers for training batches (default 0)")
+    p.add_argument("--run-dir", help="run folder (default runs/<preset>-seed<seed>)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue the run in --run-dir (or from the given checkpoint file)")
+    p.add_argument("--keep-top-k", type=int, help="epoch checkpoints kept by validation accuracy (default ensemble_top_k)")
+    p.add_argument("--log-every", type=int, default=50, help="meta-steps between train records (default 50)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--stop-at-iteration", type=int, metavar="N",
+                   help="stop once N meta-steps are done in total, saving checkpoints/latest.pt as an interruption "
+                        "would (continue later with --resume); for jobs with a time limit")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="under torchrun: how long a process waits in a collective for the others before "
+                        "the job fails (default 1800)")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.list_presets:
+        print("\n".join(preset_names()))
+        return 0
+    try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        if args.backend is not None and args.backend not in BACKENDS:
+            raise ValueError(f"--backend: unknown backend {args.backend!r}; expected one of {', '.join(BACKENDS)}")
+        if args.backend == "fused":
+            from .. import ops
+
+            if not ops.has_extension():
+                raise ValueError(f"--backend fused needs the compiled extension: {ops.EXTENSION_ERROR}")
+        for name in ("epochs", "iters_per_epoch", "eval_tasks", "eval_batch_size", "keep_top_k", "stop_at_iteration"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if args.preset is not None and args.preset not in preset_names():
+            raise ValueError(f"--preset: unknown preset {args.preset!r}; known presets: {', '.join(preset_names())}")
+        if args.dataset_root is not None and not Path(args.dataset_root).exists():
+            raise ValueError(f"--dataset-root: {args.dataset_root} does not exist")
+        strategy, where = None, ""
+        if D.launched_by_torchrun():
+            args.device = D.init_from_env(args.device, args.dist_timeout)
+            strategy = D.DistributedStrategy()
+            where = f" (process {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')})"
+        data = DataOptions(root=args.dataset_root, split=args.split, lake_val_alphabets=args.lake_val_alphabets,
+                             eval_seed=args.eval_seed, check_counts=not args.allow_partial_data,
+                             cache_dir=args.cache_dir, num_workers=args.workers)
+        if args.resume:
+            if args.run_dir is None and args.resume is True:
+                raise ValueError("--resume needs --run-dir (the run to continue) or a checkpoint path")
+            run_dir = Path(args.run_dir) if args.run_dir else Path(args.resume).resolve().parent.parent
+            ckpt_path = run_dir / "checkpoints" / "latest.pt" if args.resume is True else Path(args.resume)
+            stored = ckp.load_checkpoint(ckpt_path)
+            config = MAMLConfig.from_dict(stored["config"])
+            if args.preset or args.config or args.set or any(
+                    v is not None for v in (args.seed, args.epochs, args.iters_per_epoch, args.eval_tasks)):
+                asked = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
+                                     total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
+                                     eval_tasks=args.eval_tasks) if args.preset or args.config else \
+                    config.replace(**{k: v for k, v in dict(
+                        seed=args.seed, total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
+                        eval_tasks=args.eval_tasks, **{s.split("=", 1)[0].strip(): parse_value(s.split("=", 1)[1])
+                                                       for s in args.set if "=" in s}).items() if v is not None})
+                diff = sorted(k for k, v in asked.to_dict().items() if config.to_dict()[k] != v)
+                if diff:
+                    raise ValueError(f"--resume continues the stored config; these settings differ from it: {diff}")
+            data = DataOptions.from_dict({**stored["data"], **({"root": args.dataset_root} if args.dataset_root
+                                                                  else {}), "num_workers": args.workers})
+            trainer = Trainer(None, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
+                              keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
+                              log_every=args.log_every, progress=not args.no_progress,
+                              tensorboard=not args.no_tensorboard, resume=ckpt_path)
+        else:
+            config = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
+                                  total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
+                                  eval_tasks=args.eval_tasks)
+            run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{args.preset or 'custom'}-seed{config.seed}"
+            trainer = Trainer(config, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
+                              keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
+                              log_every=args.log_every, progress=not args.no_progress,
+                              tensorboard=not args.no_tensorboard)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+        parser.error(str(exc))
+    if trainer.is_main:
+        print(f"mamlpp-train: {trainer.learner!r}, run folder {trainer.run_dir}, starting at epoch {trainer.epoch} "
+              f"iteration {trainer.iteration}{where}", file=sys.stderr, flush=True)
+    ok = False
+    try:
+        out = trainer.fit(stop_at_iteration=args.stop_at_iteration)
+        ok = True
+        if out.get("interrupted") and trainer.is_main:
+            print(f"mamlpp-train: stopped at iteration {trainer.iteration} (--stop-at-iteration); checkpoint "
+                  f"saved to {trainer.latest_path}", file=sys.stderr, flush=True)
+    except TrainingInterrupted as exc:
+        ok = True  # every process stopped after the same step
+        print(f"mamlpp-train{where}: {exc}", file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    except Exception as exc:  # noqa: BLE001
+        if not where:
+            raise
+        # A collective that timed out, or a peer that died: say so on this process and fail the job.
+        print(f"mamlpp-train{where}: failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+              f"(another process may have failed first, or the --dist-timeout of {args.dist_timeout:g} s "
+              f"expired); the last checkpoint written stays valid", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if where:
+            D.leave_process_group(ok)
+    if out.get("interrupted"):
+        return 0
+    best = trainer.best[0] if trainer.best else None
+    if best and trainer.is_main:
+        print(f"mamlpp-train: done; best validation accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']} "
+              f"({trainer.ckpt_dir / best['path']})", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
