@@ -145,7 +145,8 @@ def extensions():
 
     debug = os.environ.get("MAMLPP_DEBUG", "0") not in ("", "0")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = (sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+               + sorted(glob.glob("csrc/autograd/*.cpp")))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx_flags = opt + ["-fvisibility=hidden"]
     link_args = runtime_libstdcxx()
