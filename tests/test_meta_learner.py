@@ -16,6 +16,7 @@ import mamlpp_ext
 from mamlpp_ext.model.config import MAMLConfig, from_preset
 from mamlpp_ext.model.meta_learner import MAMLPlusPlus
 from mamlpp_ext.model.schedules import cosine_meta_lr, msl_weights
+from _nets import forward_task
 
 DT = torch.float64
 HAS_EXT = mamlpp_ext.has_extension()
@@ -265,11 +266,11 @@ def test_eval_steps_beyond_training_reuse_last_row():
     rows = lambda ts, i: [t[min(i, 1)].detach() for t in ts]
     for i in range(4):
         w = [p.requires_grad_() for p in w]
-        out = net.forward_task(sx[0], w, rows(L.bn_weight, i), rows(L.bn_bias, i), rows(L.running_mean, i),
+        out = forward_task(net, sx[0], w, rows(L.bn_weight, i), rows(L.bn_bias, i), rows(L.running_mean, i),
                                rows(L.running_var, i), "running")
         gr = torch.autograd.grad(F.cross_entropy(out, sy[0]), w)
         w = [(p - L.lslr[k, min(i, 1)].detach() * gk).detach() for k, (p, gk) in enumerate(zip(w, gr))]
-    expect = net.forward_task(qx[0], w, rows(L.bn_weight, 3), rows(L.bn_bias, 3), rows(L.running_mean, 3),
+    expect = forward_task(net, qx[0], w, rows(L.bn_weight, 3), rows(L.bn_bias, 3), rows(L.running_mean, 3),
                               rows(L.running_var, 3), "running")
     for backend in ("sequential", "batched"):
         L.backend = backend
@@ -340,7 +341,7 @@ def test_lslr_learns_and_may_go_negative(backend):
     sx, sy, _, _ = random_batch(cfg, seed=5)
     fw = L.adapt(sx, sy, steps=1)
     w0 = [t.detach().requires_grad_() for t in L.theta]
-    out = L.net.forward_task(sx[0], w0, [t[0].detach() for t in L.bn_weight], [t[0].detach() for t in L.bn_bias],
+    out = forward_task(L.net, sx[0], w0, [t[0].detach() for t in L.bn_weight], [t[0].detach() for t in L.bn_bias],
                              None, None, "batch")
     gr = torch.autograd.grad(F.cross_entropy(out, sy[0]), w0)
     for k, name in enumerate(L.fast_weight_names):

@@ -1,4 +1,6 @@
-"""The functional SPEC §2 network: shapes, init, per-task layout vs torch.nn, batched layout vs per-task."""
+"""The functional SPEC §2 network: shapes, init, per-task layout vs torch.nn, batched layout vs per-task.
+
+The networks lifted from a user's nn.Sequential are tested in test_user_network.py."""
 
 import math
 
@@ -8,7 +10,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mamlpp_ext.model.config import from_preset
-from mamlpp_ext.model.network import VGGNet, aten_batch_norm
+from _nets import forward_task
+from mamlpp_ext.model.network import VGGNet
+from mamlpp_ext.ops import reference
 
 DT = torch.float64
 
@@ -80,7 +84,7 @@ def test_per_task_forward_matches_torch_nn(shape):
     rv = [torch.rand(6, generator=g, dtype=DT) + 0.5 for _ in range(stages)]
     for i, bn in enumerate(m for m in ref if isinstance(m, nn.BatchNorm2d)):
         bn.running_mean.copy_(rm[i]); bn.running_var.copy_(rv[i])
-    out = net.forward_task(x, ws, gamma, beta, rm, rv, "train")
+    out = forward_task(net, x, ws, gamma, beta, rm, rv, "train")
     torch.testing.assert_close(out, ref(x), rtol=1e-12, atol=1e-12)
     bns = [m for m in ref if isinstance(m, nn.BatchNorm2d)]
     for i, bn in enumerate(bns):
@@ -88,10 +92,10 @@ def test_per_task_forward_matches_torch_nn(shape):
         torch.testing.assert_close(rv[i], bn.running_var, rtol=1e-12, atol=1e-12)
     # running mode = nn eval mode
     ref.eval()
-    torch.testing.assert_close(net.forward_task(x, ws, gamma, beta, rm, rv, "running"), ref(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(forward_task(net, x, ws, gamma, beta, rm, rv, "running"), ref(x), rtol=1e-12, atol=1e-12)
     # "batch" mode leaves the statistics alone
     before = [t.clone() for t in rm]
-    net.forward_task(x, ws, gamma, beta, rm, rv, "batch")
+    forward_task(net, x, ws, gamma, beta, rm, rv, "batch")
     assert all(torch.equal(a, b) for a, b in zip(before, rm))
 
 
@@ -111,7 +115,7 @@ def test_batched_layout_matches_per_task(shape, per_task_affine):
     rv0 = [torch.rand(C, generator=g, dtype=DT) + 0.5 for _ in range(stages)]
 
     rm_b, rv_b = [t.clone() for t in rm0], [t.clone() for t in rv0]
-    out_b = net.forward_tasks(x, ws, gamma, beta, rm_b, rv_b, "train")
+    out_b = net.forward(x, ws, batched_bn(T, gamma, beta, rm_b, rv_b, training=True))
     assert out_b.shape == (T, B, 4)
     gb = torch.autograd.grad((out_b ** 2).sum(), ws + gamma + beta)
 
@@ -120,7 +124,7 @@ def test_batched_layout_matches_per_task(shape, per_task_affine):
         rm_t, rv_t = [r.clone() for r in rm0], [r.clone() for r in rv0]
         ga = [p[t] if per_task_affine else p for p in gamma]
         be = [p[t] if per_task_affine else p for p in beta]
-        outs.append(net.forward_task(x[t], [wk[t] for wk in ws], ga, be, rm_t, rv_t, "train"))
+        outs.append(forward_task(net, x[t], [wk[t] for wk in ws], ga, be, rm_t, rv_t, "train"))
         rms.append(rm_t); rvs.append(rv_t)
     out_s = torch.stack(outs)
     gs = torch.autograd.grad((out_s ** 2).sum(), ws + gamma + beta)
@@ -133,26 +137,33 @@ def test_batched_layout_matches_per_task(shape, per_task_affine):
         torch.testing.assert_close(rv_b[i], torch.stack([r[i] for r in rvs]).mean(0), rtol=1e-12, atol=1e-12)
         assert not torch.allclose(rm_b[i], rm0[i])
     # running-statistics mode
-    out_r = net.forward_tasks(x, ws, gamma, beta, rm0, rv0, "running")
-    ref_r = torch.stack([net.forward_task(x[t], [wk[t] for wk in ws],
+    out_r = net.forward(x, ws, batched_bn(T, gamma, beta, rm0, rv0, training=False))
+    ref_r = torch.stack([forward_task(net, x[t], [wk[t] for wk in ws],
                                           [p[t] if per_task_affine else p for p in gamma],
                                           [p[t] if per_task_affine else p for p in beta], rm0, rv0, "running")
                          for t in range(T)])
     torch.testing.assert_close(out_r, ref_r, rtol=1e-10, atol=1e-10)
 
 
-def test_batch_norm_is_swappable():
+def batched_bn(T, gammas, betas, rms, rvs, training):
+    """The network's bn(layer, h, slope) for T tasks on (C,) running rows, with the plain-PyTorch op."""
+    def bn(i, h, slope):
+        return reference.task_batch_norm(h, T, gammas[i], betas[i], rms[i][None], rvs[i][None], step=0,
+                                         training=training, negative_slope=slope)
+    return bn
+
+
+def test_network_calls_bn_per_layer_with_fused_activation():
     calls = []
 
-    def spy(x, gamma, beta, rm, rv, *, num_tasks, mode, momentum, eps):
-        calls.append((tuple(x.shape), num_tasks, mode))
-        return aten_batch_norm(x, gamma, beta, rm, rv, num_tasks=num_tasks, mode=mode, momentum=momentum, eps=eps)
+    def spy(i, h, slope):
+        calls.append((tuple(h.shape), i, slope))
+        return F.leaky_relu(F.batch_norm(h, None, None, training=True), slope)
 
-    net = VGGNet(1, 8, 8, 3, num_stages=2, num_filters=4, batch_norm=spy)
+    net = VGGNet(1, 8, 8, 3, num_stages=2, num_filters=4, leaky_relu_slope=0.2)
     ws = [torch.randn(2, *s, dtype=DT) for s in net.weight_shapes]
-    net.forward_tasks(torch.randn(2, 3, 1, 8, 8, dtype=DT), ws, [torch.ones(4, dtype=DT)] * 2,
-                      [torch.zeros(4, dtype=DT)] * 2, None, None, "batch")
-    assert calls == [((3, 8, 8, 8), 2, "batch"), ((3, 8, 4, 4), 2, "batch")]
+    net.forward(torch.randn(2, 3, 1, 8, 8, dtype=DT), ws, spy)
+    assert calls == [((3, 8, 8, 8), 0, 0.2), ((3, 8, 4, 4), 1, 0.2)]
 
 
 def test_rejects_bad_sizes():
@@ -160,6 +171,3 @@ def test_rejects_bad_sizes():
         VGGNet(1, 8, 8, 5, num_stages=4)
     with pytest.raises(ValueError, match="num_classes"):
         VGGNet(1, 28, 28, 0)
-    with pytest.raises(ValueError, match="unknown mode"):
-        aten_batch_norm(torch.randn(2, 4, 3, 3), torch.ones(2), torch.zeros(2), torch.zeros(2), torch.ones(2),
-                        num_tasks=2, mode="eval", momentum=0.1, eps=1e-5)

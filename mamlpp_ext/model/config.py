@@ -44,6 +44,11 @@ class MAMLConfig:
     * CA: ``cosine_annealing`` of the Adam meta learning rate from ``meta_lr``
       down to ``min_meta_lr`` over ``total_epochs``.
 
+    Network: ``network`` is "vgg" (the SPEC §2 net, shaped by ``num_stages``, ``num_filters``,
+    ``leaky_relu_slope``, ``bn_momentum`` and ``bn_eps``) or "package.module:function", a function
+    that is called with this config and returns an ``nn.Sequential`` of standard layers or a
+    ``mamlpp_ext.model.network.TaskNetwork`` (docs/networks.md).
+
     Other options: ``bn_eval_stats`` ("batch": normalise with batch statistics at
     evaluation, as the public code does; "running": with the per-step running
     statistics), ``adapt_bn_affine`` (BN gamma/beta become per-task fast weights
@@ -61,6 +66,7 @@ class MAMLConfig:
     image_height: int = 28
     image_width: int = 28
     # --- network (SPEC §2) ---
+    network: str = "vgg"
     num_stages: int = 4
     num_filters: int = 64
     leaky_relu_slope: float = 0.01
@@ -147,11 +153,14 @@ class MAMLConfig:
             _bool(name)
         if self.bn_eval_stats not in BN_EVAL_STATS:
             raise ValueError(f"MAMLConfig.bn_eval_stats must be one of {BN_EVAL_STATS}, got {self.bn_eval_stats!r}")
+        if not isinstance(self.network, str) or not (self.network == "vgg" or _is_import_path(self.network)):
+            raise ValueError(f"MAMLConfig.network must be 'vgg' or an import path 'package.module:function', "
+                             f"got {self.network!r}")
         if not isinstance(self.dataset, str):
             raise TypeError(f"MAMLConfig.dataset must be a str, got {type(self.dataset).__name__}")
         for name in ("image_height", "image_width"):
             v = getattr(self, name)
-            if v >> self.num_stages < 1:
+            if self.network == "vgg" and v >> self.num_stages < 1:
                 raise ValueError(
                     f"MAMLConfig.{name}={v} is too small for num_stages={self.num_stages}: each stage "
                     f"halves the feature map, so it must be >= {2 ** self.num_stages}")
@@ -183,6 +192,11 @@ class MAMLConfig:
             raise TypeError(f"MAMLConfig.from_dict expects a dict, got {type(d).__name__}")
         _check_keys(d, "key")
         return cls(**d)
+
+
+def _is_import_path(text: str) -> bool:
+    module, sep, func = text.partition(":")
+    return bool(sep) and all(p.isidentifier() for p in module.split(".")) and func.isidentifier()
 
 
 def _check_keys(d: dict, what: str) -> None:

@@ -1,76 +1,117 @@
-"""The MAML++ meta-learner (SPEC §3) with three interchangeable backends.
+"""The MAML++ meta-learner (SPEC §3): a small core and a table of backends.
 
-``MAMLPlusPlus`` holds the meta-parameters — θ₀ (the K network fast-weight
-tensors), the LSLR rates (K', R) and per-layer BN γ/β (R_w, C) — the per-step BN
-running statistics (R_s, C), and the Adam outer optimiser with per-epoch cosine
-annealing. It runs the inner loop with MSL, DA, BNRS, BNWB and LSLR, each of
-which can be switched off (all off is plain MAML).
+``MAMLPlusPlus`` holds the meta-parameters — θ₀ (the K fast-weight tensors of the network), the
+LSLR rates (K', R) and per-BN-layer γ/β (R_w, C) — the per-step BN running statistics (R_s, C),
+and the Adam outer optimiser with per-epoch cosine annealing. It runs the inner loop with MSL,
+DA, BNRS, BNWB and LSLR, each of which can be switched off (all off is plain MAML). The network
+is the paper's VGG net, a user's ``nn.Sequential`` (lifted by ``network.SequentialNet``) or any
+``network.TaskNetwork``.
 
-Backends (same algorithm, same state, same results up to float rounding):
+Backends (``BACKENDS``; same algorithm, same state, same results up to float rounding) differ
+in three things only: whether the tasks of a meta-batch run one at a time or all at once, which
+inner-loop update op runs, and which per-step batch-norm op runs:
 
-* ``"sequential"``: pure autograd, the tasks of a meta-batch one after another
-  with the per-task network layout, as the public MAML++ code runs. The
-  semantic reference.
-* ``"batched"``: pure autograd, all T tasks at once: fast weights carry a
-  leading task dim, convolutions are grouped (groups = T) over task-major
-  channels, the head is a batched matmul, BN is one ATen batch norm over T·C
-  channels. The update is ``reference.lslr_update``.
-* ``"fused"``: the batched algorithm with the compiled
-  ``mamlpp_ext.ops.lslr_update`` as the inner-loop update and the compiled per-step batch
-  norm (``network.fused_batch_norm``) (needs the extension).
-
-The two swap points are ``self._update`` (inner-loop parameter update, the
-signature of ``reference.lslr_update``) and ``self.net.batch_norm`` (the BN
-call, the signature of ``network.aten_batch_norm``).
+* ``"sequential"``: tasks one after another (each alone, T = 1), plain-PyTorch update and batch
+  norm — as the public MAML++ code runs; the semantic reference.
+* ``"batched"``: all T tasks at once (NOTE [Task-major layout] in network.py), plain PyTorch.
+* ``"fused"``: all T tasks at once, the compiled ``ops.lslr_update`` and ``ops.task_batch_norm``
+  (with the activation after a batch norm fused into it); needs the extension.
 
 NOTE [Rows beyond S]
-    With S training steps, the per-step tensors have S rows (or 1 when the
-    component is off). Evaluation may run more inner steps than S; step i then
-    uses row min(i, rows − 1) of the LSLR rates, BN γ/β and BN running
-    statistics, i.e. every step from S−1 on reuses row S−1.
+    With S training steps, the per-step tensors have S rows (or 1 when the component is off).
+    Evaluation may run more inner steps than S; step i then uses row min(i, rows − 1) of the
+    LSLR rates, BN γ/β and BN running statistics, i.e. every step from S−1 on reuses row S−1.
 
 NOTE [Running statistics, sequential vs batched]
-    Each forward in training mode updates the running-statistics row of its
-    step with momentum m = bn_momentum (0.1): r ← (1−m)·r + m·s, where s is the
-    batch mean or the unbiased batch variance. The sequential backend does this
-    once per task per forward, task after task, as the public code does. The
-    batched backends do it once per forward for the whole meta-batch, with s the
-    mean over tasks of the per-task statistic. Because the update is linear in s
-    and the batch statistics do not depend on the running ones, the batched
-    result equals the mean over tasks of what the sequential backend gives when
-    each task is run alone from the same starting statistics; with T = 1 the
-    two backends agree exactly. Outputs never depend on the difference unless
-    ``bn_eval_stats == "running"``.
+    Each forward in training mode updates the running-statistics row of its step with momentum
+    m (the layer's, 0.1 in the presets): r ← (1−m)·r + m·s, where s is the batch mean or the
+    unbiased batch variance. The sequential backend does this once per task per forward, task
+    after task, as the public code does. The batched backends do it once per forward for the
+    whole meta-batch, with s the mean over tasks of the per-task statistic. Because the update
+    is linear in s and the batch statistics do not depend on the running ones, the batched
+    result equals the mean over tasks of what the sequential backend gives when each task is
+    run alone from the same starting statistics; with T = 1 the two agree exactly. Outputs never
+    depend on the difference unless ``bn_eval_stats == "running"``.
 
 NOTE [Evaluation and running statistics]
-    ``evaluate`` and ``adapt`` never build second-order graphs and never change
-    the learner's state: running statistics are cloned before each evaluation
-    (before each task in the sequential backend) and copied back after it. With
-    ``bn_eval_stats == "batch"`` (the public code's behaviour) the forwards
-    normalise with batch statistics and update the statistics as in training
-    (then restored); with ``"running"`` they normalise with the per-step running
-    statistics.
+    ``evaluate``, ``adapt`` and ``predict`` never build second-order graphs and never change the
+    learner's state. With ``bn_eval_stats == "batch"`` (the public code's behaviour) they
+    normalise with batch statistics and do not update the running statistics (the public code
+    updates them and then means to restore a backup — a shallow copy, so it restores nothing;
+    outputs are the same either way); with ``"running"`` they normalise with the per-step
+    running statistics.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import importlib
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from .. import ops
 from ..ops import reference
 from .config import MAMLConfig, from_preset
-from .network import VGGNet, aten_batch_norm, fused_batch_norm
-from .schedules import loss_weights, meta_lr_at, use_second_order
+from .network import SequentialNet, TaskNetwork, VGGNet
+from .schedules import EpochPlan, epoch_plan, meta_lr_at
 
-__all__ = ["MAMLPlusPlus", "BACKENDS"]
+__all__ = ["BACKENDS", "Backend", "MAMLPlusPlus", "build_network"]
 
-BACKENDS = ("sequential", "batched", "fused")
 _STATE_FORMAT = "mamlpp_ext.MAMLPlusPlus/1"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How a backend runs the algorithm.
+
+    per_task: run the tasks of a meta-batch one at a time (T = 1 each) instead of all at once.
+    update: the inner-loop update, contract of ``ops.reference.lslr_update``.
+    batch_norm: the per-step batch norm, contract of ``ops.reference.task_batch_norm``.
+    needs_extension: the ops are the compiled ones.
+    """
+
+    name: str
+    per_task: bool
+    update: Callable
+    batch_norm: Callable
+    needs_extension: bool
+
+
+BACKENDS: dict[str, Backend] = {
+    "sequential": Backend("sequential", True, reference.lslr_update, reference.task_batch_norm, False),
+    "batched": Backend("batched", False, reference.lslr_update, reference.task_batch_norm, False),
+    "fused": Backend("fused", False, ops.lslr_update, ops.task_batch_norm, True),
+}
+
+
+def build_network(config: MAMLConfig, network=None) -> TaskNetwork:
+    """The network a learner runs: ``network`` (an ``nn.Sequential`` or a ``TaskNetwork``) when
+    given, else the one ``config.network`` names ("vgg", or "package.module:function" called with
+    the config). Its output size must be ``config.ways``."""
+    source = "network"
+    if network is None:
+        if config.network == "vgg":
+            return VGGNet.from_config(config)
+        source = f"MAMLConfig.network={config.network!r}"
+        module_name, _, func_name = config.network.partition(":")
+        try:
+            func = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"{source}: cannot import it ({type(exc).__name__}: {exc})") from None
+        network = func(config)
+    if isinstance(network, nn.Module):
+        network = SequentialNet(network, config.image_shape)
+    if not isinstance(network, TaskNetwork):
+        raise TypeError(f"{source}: expected an nn.Sequential or a mamlpp_ext.model.network.TaskNetwork, got "
+                        f"{type(network).__name__}")
+    if network.num_classes != config.ways:
+        raise ValueError(f"{source}: the network has {network.num_classes} outputs but the config has "
+                         f"ways={config.ways}")
+    return network
 
 
 class MAMLPlusPlus:
@@ -78,50 +119,49 @@ class MAMLPlusPlus:
 
     Args:
         config: a ``MAMLConfig`` or a preset name (see ``config.preset_names()``).
-        backend: "sequential", "batched" or "fused".
+        backend: "sequential", "batched" or "fused" (``BACKENDS``).
         device, dtype: where and in which floating type the meta-parameters live.
+        network: None (the network ``config.network`` names: the VGG net by default), an
+            ``nn.Sequential`` of standard layers (docs/networks.md) or a ``TaskNetwork``. Its
+            input is ``config.image_shape`` and its output size must be ``config.ways``.
 
-    State (K = 2·num_stages + 2 network tensors, K' = K, or K + 2·num_stages with
-    ``adapt_bn_affine``; S = inner_steps; C = num_filters):
+    State (K fast-weight tensors of the network; K' = K, or K + 2 per affine BN layer with
+    ``adapt_bn_affine``; S = inner_steps; C = a BN layer's channels):
 
     * ``theta``: K leaf tensors, θ₀ (``net.weight_shapes``).
-    * ``lslr``: (K', S) rates, or (K', 1) without ``per_step_inner_lr``; a leaf that
-      requires grad iff ``learnable_inner_lr``. Initialised to ``inner_lr``; never clamped.
-    * ``bn_weight`` / ``bn_bias``: per stage (S, C), or (1, C) without ``per_step_bn_weights``.
-    * ``running_mean`` / ``running_var``: per stage (S, C), or (1, C) without
-      ``per_step_bn_statistics``; init 0 / 1.
-    * ``optimizer``: Adam over θ₀, BN γ/β and (if learnable) the LSLR rates; its
-      learning rate is set per epoch by CA.
+    * ``lslr``: (K', S) rates, or (K', 1) without ``per_step_inner_lr``; a leaf that requires
+      grad iff ``learnable_inner_lr``. Initialised to ``inner_lr``; never clamped.
+    * ``bn_weight`` / ``bn_bias``: per BN layer (S, C), or (1, C) without
+      ``per_step_bn_weights``; None for a layer without affine.
+    * ``running_mean`` / ``running_var``: per BN layer (S, C), or (1, C) without
+      ``per_step_bn_statistics``; None for a layer that keeps no running statistics.
+    * ``optimizer``: Adam over θ₀, BN γ/β and (if learnable) the LSLR rates; its learning rate
+      is set per epoch by CA.
     """
 
     def __init__(self, config: MAMLConfig | str, backend: str = "batched",
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 network=None) -> None:
         if isinstance(config, str):
             config = from_preset(config)
         if not isinstance(config, MAMLConfig):
             raise TypeError(f"config must be a MAMLConfig or a preset name, got {type(config).__name__}")
         config.validate()
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-        self.config = config
         self.backend = backend
+        self.config = config
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-
-        self.net = VGGNet.from_config(config)
-        self._update = reference.lslr_update
-        if backend == "fused":
-            from .. import ops
-
-            if not ops.has_extension():
-                raise RuntimeError(f"backend='fused' needs the compiled mamlpp_ext kernels, but "
-                                   f"{ops.EXTENSION_ERROR}; use backend='batched' or 'sequential'")
-
-            self._update = ops.lslr_update
-            # The compiled per-step batch norm (forward, backward, double backward fused).
-            self.net.batch_norm = fused_batch_norm
+        self.net = build_network(config, network)
+        self.bn_layers = list(self.net.bn_layers)
+        if config.bn_eval_stats == "running" and not all(b.track_running_stats for b in self.bn_layers):
+            raise ValueError("bn_eval_stats='running' needs running statistics in every BN layer, but "
+                             f"{[b.name for b in self.bn_layers if not b.track_running_stats]} keep none "
+                             "(track_running_stats=False)")
+        if config.adapt_bn_affine and not all(b.affine for b in self.bn_layers):
+            raise ValueError("adapt_bn_affine=True needs BN layers with affine=True, but "
+                             f"{[b.name for b in self.bn_layers if not b.affine]} have none")
 
         g = torch.Generator().manual_seed(config.seed)
         dev, dt = self.device, dtype
@@ -129,29 +169,50 @@ class MAMLPlusPlus:
         S = config.inner_steps
         rows_w = S if config.per_step_bn_weights else 1
         rows_s = S if config.per_step_bn_statistics else 1
-        self.bn_weight = [torch.ones(rows_w, c, dtype=dt, device=dev, requires_grad=True) for c in self.net.bn_channels]
-        self.bn_bias = [torch.zeros(rows_w, c, dtype=dt, device=dev, requires_grad=True) for c in self.net.bn_channels]
-        self.running_mean = [torch.zeros(rows_s, c, dtype=dt, device=dev) for c in self.net.bn_channels]
-        self.running_var = [torch.ones(rows_s, c, dtype=dt, device=dev) for c in self.net.bn_channels]
-        k_fast = len(self.theta) + (2 * config.num_stages if config.adapt_bn_affine else 0)
+
+        def table(init: Optional[Tensor], rows: int, grad: bool) -> Optional[Tensor]:
+            if init is None:
+                return None
+            return init.to(device=dev, dtype=dt).repeat(rows, 1).requires_grad_(grad)
+
+        self.bn_weight = [table(b.weight_init, rows_w, True) for b in self.bn_layers]
+        self.bn_bias = [table(b.bias_init, rows_w, True) for b in self.bn_layers]
+        self.running_mean = [table(b.mean_init, rows_s, False) for b in self.bn_layers]
+        self.running_var = [table(b.var_init, rows_s, False) for b in self.bn_layers]
         rows_lr = S if config.per_step_inner_lr else 1
-        self.lslr = torch.full((k_fast, rows_lr), float(config.inner_lr), dtype=dt, device=dev,
+        self.lslr = torch.full((len(self.fast_weight_names), rows_lr), float(config.inner_lr), dtype=dt, device=dev,
                                requires_grad=config.learnable_inner_lr)
         self.optimizer = torch.optim.Adam(self.parameters(), lr=meta_lr_at(config, 0))
         self.last_epoch: Optional[int] = None
         self.meta_steps_done = 0
-        # NOTE [Cross-process mean]: when set (mamlpp_ext.distributed), meta_step calls it once per
+        # NOTE [Cross-process mean]: when set (training.distributed), meta_step calls it once per
         # step, after the backward and before the gradient clamp and the Adam step, with every
         # meta-gradient, every running-statistics buffer and a float vector of step metrics; it
         # must replace each by its mean over the processes, in place (one flat all-reduce).
         self.cross_process_mean: Optional[Callable[[list[Tensor]], None]] = None
 
     # ------------------------------------------------------------- accessors
+    @property
+    def backend(self) -> str:
+        """The backend's name; assign another name to switch (the state is shared by all backends)."""
+        return self.backend_impl.name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; expected one of {tuple(BACKENDS)}")
+        impl = BACKENDS[name]
+        if impl.needs_extension and not ops.has_extension():
+            raise RuntimeError(f"backend={name!r} needs the compiled mamlpp_ext kernels, but "
+                               f"{ops.EXTENSION_ERROR}; use backend='batched' or 'sequential'")
+        self.backend_impl = impl
+
     def parameters(self) -> list[Tensor]:
-        """Meta-learned tensors, in optimiser order: θ₀, then γ/β per stage, then LSLR (if learnable)."""
+        """Meta-learned tensors, in optimiser order: θ₀, then γ/β per affine BN layer, then LSLR (if learnable)."""
         ps = list(self.theta)
         for w, b in zip(self.bn_weight, self.bn_bias):
-            ps += [w, b]
+            if w is not None:
+                ps += [w, b]
         if self.config.learnable_inner_lr:
             ps.append(self.lslr)
         return ps
@@ -159,8 +220,9 @@ class MAMLPlusPlus:
     def named_parameters(self) -> list[tuple[str, Tensor]]:
         """(name, tensor) pairs in the order of ``parameters()``."""
         names = list(self.net.weight_names)
-        for i in range(self.config.num_stages):
-            names += [f"bn{i}.weight", f"bn{i}.bias"]
+        for layer in self.bn_layers:
+            if layer.affine:
+                names += [f"{layer.name}.weight", f"{layer.name}.bias"]
         if self.config.learnable_inner_lr:
             names.append("lslr")
         return list(zip(names, self.parameters()))
@@ -170,9 +232,14 @@ class MAMLPlusPlus:
         """Names of the K' fast-weight tensors (rows of ``lslr``)."""
         names = list(self.net.weight_names)
         if self.config.adapt_bn_affine:
-            for i in range(self.config.num_stages):
-                names += [f"bn{i}.weight", f"bn{i}.bias"]
+            for layer in self.bn_layers:
+                names += [f"{layer.name}.weight", f"{layer.name}.bias"]
         return names
+
+    @property
+    def running_stats(self) -> list[Tensor]:
+        """Every running-statistics buffer: the means, then the variances (None entries left out)."""
+        return [t for t in self.running_mean + self.running_var if t is not None]
 
     def meta_lr(self, epoch: int) -> float:
         """The Adam learning rate used at ``epoch`` (CA)."""
@@ -232,61 +299,75 @@ class MAMLPlusPlus:
         return steps
 
     # ------------------------------------------------------------ inner loop
-    def _initial_fast(self, num_tasks: Optional[int], detach: bool) -> list[Tensor]:
-        """Initial fast weights: θ₀ (+ BN γ/β row 0 with adapt_bn_affine), expanded to (T, ...) when
-        ``num_tasks`` is given. With ``detach`` they are fresh leaves (evaluation)."""
-        src = list(self.theta)
-        if self.config.adapt_bn_affine:
-            for w, b in zip(self.bn_weight, self.bn_bias):
-                src += [w[0], b[0]]
-        if detach:
-            src = [t.detach().requires_grad_() for t in src]
-        if num_tasks is None:
-            return src
-        return [t.unsqueeze(0).expand(num_tasks, *t.shape) for t in src]
+    def _batch_norm(self, num_tasks: int, step: int, training: bool, gammas: Sequence[Optional[Tensor]],
+                    betas: Sequence[Optional[Tensor]]):
+        """The network's ``bn(layer, h, negative_slope)`` for one forward at inner ``step``
+        (NOTE [Rows beyond S]): the backend's batch-norm op with the layer's γ/β (rows or
+        per-task fast weights), its (R_s, C) running statistics and row ``min(step, R_s − 1)``.
+        ``training``: batch statistics, updating the running statistics; False: evaluation
+        (NOTE [Evaluation and running statistics])."""
+        fn = self.backend_impl.batch_norm
+        layers, means, variances = self.bn_layers, self.running_mean, self.running_var
+        row = min(step, self.config.inner_steps - 1) if self.config.per_step_bn_statistics else 0
+        norm_with_batch = training or self.config.bn_eval_stats == "batch"
+
+        def bn(i: int, h: Tensor, negative_slope: Optional[float]) -> Tensor:
+            layer = layers[i]
+            return fn(h, num_tasks, gammas[i], betas[i], means[i], variances[i], step=row, training=norm_with_batch,
+                      update_stats=training, momentum=layer.momentum, eps=layer.eps, negative_slope=negative_slope)
+        return bn
 
     def _task_losses(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Mean cross-entropy per task: logits (T, B, N) / y (T, B) -> (T,), or (B, N) / (B,) -> ()."""
+        """Mean cross-entropy per task: logits (T, B, N) / y (T, B) -> (T,)."""
         n = logits.shape[-1]
         ce = F.cross_entropy(logits.reshape(-1, n), y.reshape(-1), reduction="none")
         return ce.view(y.shape).mean(-1)
 
-    def _inner_loop(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor], *,
-                    steps: int, batched: bool, create_graph: bool, weights: Sequence[float], score_every_step: bool,
-                    bn_mode: str, detach_meta: bool):
-        """Run ``steps`` inner updates and score the query set.
+    def _inner_loop(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor], *, steps: int,
+                    create_graph: bool, weights: Sequence[float], score_every_step: bool, training: bool):
+        """Run ``steps`` inner updates on T tasks and score the query set.
 
-        Layouts: batched (sx (T, B, C, H, W), sy (T, B)) or per task (sx (B, C, H, W), sy (B,)).
-        ``weights``: per-step query-loss weights (length ``steps``); the query set is scored
-        after every update when ``score_every_step`` (MSL), else after the last one only.
-        Returns (weighted query loss per task: (T,) or (), final query logits, fast weights).
+        sx (T, B, C, H, W), sy (T, B); qx, qy likewise or None. ``weights``: per-step query-loss
+        weights (length ``steps``); the query set is scored after every update when
+        ``score_every_step`` (MSL), else after the last one only. ``training``: the meta-parameters
+        are differentiated through and BN updates the running statistics; else the inner loop
+        starts from detached copies (evaluation). Returns (weighted query loss per task (T,) or
+        None, final query logits (T, Q, N) or None, fast weights (T, ...)).
         """
         cfg = self.config
+        backend = self.backend_impl
+        T = sx.shape[0]
         K = len(self.theta)
-        fast = self._initial_fast(sx.shape[0] if batched else None, detach=detach_meta)
-        lslr = self.lslr.detach() if detach_meta else self.lslr
-        bn_w = [t.detach() for t in self.bn_weight] if detach_meta else self.bn_weight
-        bn_b = [t.detach() for t in self.bn_bias] if detach_meta else self.bn_bias
-        forward = self.net.forward_tasks if batched else self.net.forward_task
-        n_lr, n_w, n_s = lslr.shape[1], bn_w[0].shape[0], self.running_mean[0].shape[0]
+        adapt_affine = cfg.adapt_bn_affine
+        src = list(self.theta)
+        if adapt_affine:
+            for w, b in zip(self.bn_weight, self.bn_bias):
+                src += [w[0], b[0]]
+        bn_w, bn_b, lslr = self.bn_weight, self.bn_bias, self.lslr
+        if not training:
+            src = [t.detach().requires_grad_() for t in src]
+            bn_w = [None if t is None else t.detach() for t in bn_w]
+            bn_b = [None if t is None else t.detach() for t in bn_b]
+            lslr = lslr.detach()
+        fast = [t.unsqueeze(0).expand(T, *t.shape) for t in src]
+        n_lr, n_w = lslr.shape[1], cfg.inner_steps if cfg.per_step_bn_weights else 1
+        forward = self.net.forward
 
         def run(x: Tensor, fast_w: list[Tensor], step: int) -> Tensor:
-            if cfg.adapt_bn_affine:
+            if adapt_affine:
                 gammas, betas = fast_w[K::2], fast_w[K + 1::2]
             else:
                 r = min(step, n_w - 1)
-                gammas, betas = [t[r] for t in bn_w], [t[r] for t in bn_b]
-            rs = min(step, n_s - 1)
-            rms = [t[rs] for t in self.running_mean]
-            rvs = [t[rs] for t in self.running_var]
-            return forward(x, fast_w[:K], gammas, betas, rms, rvs, bn_mode)
+                gammas = [None if t is None else t[r] for t in bn_w]
+                betas = [None if t is None else t[r] for t in bn_b]
+            return forward(x, fast_w[:K] if adapt_affine else fast_w, self._batch_norm(T, step, training, gammas, betas))
 
         total = None
         q_logits = None
         for i in range(steps):
             s_loss = self._task_losses(run(sx, fast, i), sy)
             grads = torch.autograd.grad(s_loss.sum(), fast, create_graph=create_graph)
-            fast = self._update(fast, grads, lslr, min(i, n_lr - 1))
+            fast = backend.update(fast, grads, lslr, min(i, n_lr - 1))
             if qx is not None and (score_every_step or i == steps - 1):
                 q_logits = run(qx, fast, i)
                 if qy is not None:
@@ -294,16 +375,22 @@ class MAMLPlusPlus:
                     total = term if total is None else total + term
         return total, q_logits, fast
 
-    def _bn_mode_eval(self) -> str:
-        return "train" if self.config.bn_eval_stats == "batch" else "running"
-
-    def _backup_stats(self) -> list[Tensor]:
-        return [t.clone() for t in self.running_mean + self.running_var]
-
-    def _restore_stats(self, backup: list[Tensor]) -> None:
-        with torch.no_grad():
-            for t, b in zip(self.running_mean + self.running_var, backup):
-                t.copy_(b)
+    def _per_backend(self, fn: Callable, *tensors: Optional[Tensor]) -> list:
+        """``fn(*tensors)`` on all tasks at once, or task by task (T = 1 slices) for a per-task
+        backend, with each output concatenated over tasks (None stays None)."""
+        if not self.backend_impl.per_task:
+            return list(fn(*tensors))
+        parts = [fn(*(None if t is None else t[i:i + 1] for t in tensors)) for i in range(tensors[0].shape[0])]
+        out = []
+        for j in range(len(parts[0])):
+            first = parts[0][j]
+            if first is None:
+                out.append(None)
+            elif isinstance(first, Tensor):
+                out.append(torch.cat([p[j] for p in parts]))
+            else:  # a list of tensors (fast weights)
+                out.append([torch.cat([p[j][k] for p in parts]) for k in range(len(first))])
+        return out
 
     # -------------------------------------------------------------- training
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
@@ -317,32 +404,20 @@ class MAMLPlusPlus:
         ``loss_weights`` (list of S floats), ``second_order`` (bool)).
         """
         epoch = self._check_epoch(epoch)
-        return self._meta_loss(*self._check_inputs(support_x, support_y, query_x, query_y), epoch)
+        return self._meta_loss(*self._check_inputs(support_x, support_y, query_x, query_y), epoch_plan(self.config, epoch))
 
-    def _meta_loss(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, epoch: int) -> tuple[Tensor, dict]:
+    def _meta_loss(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> tuple[Tensor, dict]:
         """``meta_loss`` on validated inputs (already on the learner's device and dtype)."""
-        cfg = self.config
-        S = cfg.inner_steps
-        lw = loss_weights(S, epoch, use_msl=cfg.use_msl, msl_epochs=cfg.msl_epochs, training=True)
-        msl_active = cfg.use_msl and epoch < cfg.msl_epochs
-        second = use_second_order(cfg.second_order, epoch, cfg.first_order_to_second_order_epoch)
-        kw = dict(steps=S, create_graph=second, weights=lw, score_every_step=msl_active, bn_mode="train",
-                  detach_meta=False)
+        def task(sx, sy, qx, qy):
+            return self._inner_loop(sx, sy, qx, qy, steps=self.config.inner_steps, create_graph=plan.second_order,
+                                    weights=plan.loss_weights, score_every_step=plan.score_every_step, training=True)[:2]
+
         with torch.enable_grad():
-            if self.backend == "sequential":
-                losses, logits = [], []
-                for t in range(sx.shape[0]):
-                    l_t, q_t, _ = self._inner_loop(sx[t], sy[t], qx[t], qy[t], batched=False, **kw)
-                    losses.append(l_t)
-                    logits.append(q_t)
-                task_losses = torch.stack(losses)
-                q_logits = torch.stack(logits)
-            else:
-                task_losses, q_logits, _ = self._inner_loop(sx, sy, qx, qy, batched=True, **kw)
+            task_losses, q_logits = self._per_backend(task, sx, sy, qx, qy)
             loss = task_losses.mean()
         acc = (q_logits.detach().argmax(-1) == qy).to(self.dtype).mean(-1)
         info = dict(task_losses=task_losses.detach(), task_accuracies=acc, query_logits=q_logits.detach(),
-                    loss_weights=lw, second_order=second)
+                    loss_weights=plan.loss_weights, second_order=plan.second_order)
         return loss, info
 
     def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
@@ -357,11 +432,19 @@ class MAMLPlusPlus:
         """
         epoch = self._check_epoch(epoch)
         batch = self._check_inputs(support_x, support_y, query_x, query_y)  # before any state changes
-        lr = self.meta_lr(epoch)
+        plan = epoch_plan(self.config, epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = plan.meta_lr
         self.last_epoch = epoch
-        loss, info = self._meta_loss(*batch, epoch)
+        stats = self._train_step(*batch, plan).tolist()
+        self.meta_steps_done += 1
+        return dict(loss=stats[0], accuracy=stats[1], task_accuracies=stats[2:], loss_weights=plan.loss_weights,
+                    meta_lr=plan.meta_lr, second_order=plan.second_order, epoch=epoch)
+
+    def _train_step(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
+        """The device work of one meta-step on validated inputs: loss, backward, cross-process
+        mean, clamp, Adam. Returns a device tensor [loss, mean accuracy, T task accuracies]."""
+        loss, info = self._meta_loss(sx, sy, qx, qy, plan)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         metrics = torch.cat([loss.detach().reshape(1), info["task_accuracies"].mean().reshape(1)])
@@ -370,21 +453,28 @@ class MAMLPlusPlus:
             for p in params:  # every process must contribute the same layout
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-            self.cross_process_mean([p.grad for p in params] + self.running_mean + self.running_var + [metrics])
+            self.cross_process_mean([p.grad for p in params] + self.running_stats + [metrics])
         if self.config.grad_clamp is not None:
             c = float(self.config.grad_clamp)
-            for p in self.theta + self.bn_weight + self.bn_bias:
+            for p in self.theta + [t for t in self.bn_weight + self.bn_bias if t is not None]:
                 if p.grad is not None:
                     p.grad.clamp_(-c, c)
         self.optimizer.step()
-        self.meta_steps_done += 1
-        stats = torch.cat([metrics, info["task_accuracies"]]).tolist()
-        return dict(loss=stats[0], accuracy=stats[1], task_accuracies=stats[2:], loss_weights=info["loss_weights"],
-                    meta_lr=lr, second_order=info["second_order"], epoch=epoch)
+        return torch.cat([metrics, info["task_accuracies"]])
 
     # ------------------------------------------------------------ evaluation
     def _eval_steps(self, steps: Optional[int]) -> int:
         return self.config.eval_inner_steps if steps is None else self._check_steps(steps)
+
+    def _adapt_and_score(self, sx, sy, qx, qy, steps: int):
+        weights = [0.0] * (steps - 1) + [1.0]
+
+        def task(sx, sy, qx, qy):
+            return self._inner_loop(sx, sy, qx, qy, steps=steps, create_graph=False, weights=weights,
+                                    score_every_step=False, training=False)
+
+        with torch.enable_grad():
+            return self._per_backend(task, sx, sy, qx, qy)
 
     def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Optional[Tensor] = None,
                  steps: Optional[int] = None) -> dict:
@@ -400,34 +490,11 @@ class MAMLPlusPlus:
         steps = self._eval_steps(steps)
         sx, sy = self._check_batch(support_x, support_y, "support_x", "support_y")
         qx, qy = self._check_batch(query_x, query_y, "query_x", "query_y", num_tasks=sx.shape[0])
-        weights = [0.0] * (steps - 1) + [1.0]
-        kw = dict(steps=steps, create_graph=False, weights=weights, score_every_step=False,
-                  bn_mode=self._bn_mode_eval(), detach_meta=True)
-        with torch.enable_grad():
-            if self.backend == "sequential":
-                losses, logits = [], []
-                for t in range(sx.shape[0]):
-                    backup = self._backup_stats()
-                    try:
-                        l_t, q_t, _ = self._inner_loop(sx[t], sy[t], qx[t], None if qy is None else qy[t],
-                                                       batched=False, **kw)
-                    finally:
-                        self._restore_stats(backup)
-                    losses.append(l_t)
-                    logits.append(q_t)
-                q_logits = torch.stack(logits).detach()
-                task_losses = None if qy is None else torch.stack(losses).detach()
-            else:
-                backup = self._backup_stats()
-                try:
-                    task_losses, q_logits, _ = self._inner_loop(sx, sy, qx, qy, batched=True, **kw)
-                finally:
-                    self._restore_stats(backup)
-                q_logits = q_logits.detach()
-                task_losses = None if task_losses is None else task_losses.detach()
-        out: dict = dict(logits=q_logits)
+        task_losses, q_logits, _ = self._adapt_and_score(sx, sy, qx, qy, steps)
+        out: dict = dict(logits=q_logits.detach())
         if qy is not None:
-            acc = (q_logits.argmax(-1) == qy).to(self.dtype).mean(-1)
+            acc = (out["logits"].argmax(-1) == qy).to(self.dtype).mean(-1)
+            task_losses = task_losses.detach()
             out.update(task_accuracies=acc, task_losses=task_losses, accuracy=float(acc.mean()),
                        loss=float(task_losses.mean()))
         return out
@@ -436,26 +503,11 @@ class MAMLPlusPlus:
         """Fast weights after ``steps`` inner updates on each task's support set (evaluation rules).
 
         support_x: (T, N·K, C, H, W); support_y: (T, N·K). Returns {name: (T, *shape)} for
-        ``fast_weight_names`` (detached). Running statistics are restored afterwards.
+        ``fast_weight_names`` (detached). The learner's state is unchanged.
         """
         steps = self._eval_steps(steps)
         sx, sy = self._check_batch(support_x, support_y, "support_x", "support_y")
-        kw = dict(steps=steps, create_graph=False, weights=[1.0] * steps, score_every_step=False,
-                  bn_mode=self._bn_mode_eval(), detach_meta=True)
-        backup = self._backup_stats()
-        try:
-            with torch.enable_grad():
-                if self.backend == "sequential":
-                    per_task = []
-                    for t in range(sx.shape[0]):
-                        _, _, fast = self._inner_loop(sx[t], sy[t], None, None, batched=False, **kw)
-                        per_task.append(fast)
-                        self._restore_stats(backup)
-                    fast = [torch.stack([f[k] for f in per_task]) for k in range(len(per_task[0]))]
-                else:
-                    _, _, fast = self._inner_loop(sx, sy, None, None, batched=True, **kw)
-        finally:
-            self._restore_stats(backup)
+        _, _, fast = self._adapt_and_score(sx, sy, None, None, steps)
         return {name: t.detach() for name, t in zip(self.fast_weight_names, fast)}
 
     def predict(self, x: Tensor, fast_weights: dict[str, Tensor], bn_step: Optional[int] = None) -> Tensor:
@@ -475,34 +527,37 @@ class MAMLPlusPlus:
             raise ValueError(f"fast_weights is missing {missing}")
         fw = [fast_weights[n].to(device=self.device, dtype=self.dtype) for n in names]
         T = x.shape[0]
-        for n, t, shape in zip(names, fw, self.net.weight_shapes):
+        shapes = list(self.net.weight_shapes)
+        if self.config.adapt_bn_affine:
+            for layer in self.bn_layers:
+                shapes += [(layer.channels,), (layer.channels,)]
+        for n, t, shape in zip(names, fw, shapes):
             if tuple(t.shape) != (T, *shape):
                 raise ValueError(f"fast_weights[{n!r}] must have shape {(T, *shape)}, got {tuple(t.shape)}")
         K = len(self.theta)
-        if self.config.adapt_bn_affine:
-            gammas, betas = fw[K::2], fw[K + 1::2]
-        else:
-            r = min(bn_step, self.bn_weight[0].shape[0] - 1)
-            gammas = [t[r].detach() for t in self.bn_weight]
-            betas = [t[r].detach() for t in self.bn_bias]
-        rs = min(bn_step, self.running_mean[0].shape[0] - 1)
-        backup = self._backup_stats()
-        try:
-            with torch.no_grad():
-                return self.net.forward_tasks(x, fw[:K], gammas, betas, [t[rs] for t in self.running_mean],
-                                              [t[rs] for t in self.running_var], self._bn_mode_eval())
-        finally:
-            self._restore_stats(backup)
+        adapt_affine = self.config.adapt_bn_affine
+        r = min(bn_step, self.config.inner_steps - 1) if self.config.per_step_bn_weights else 0
+        gammas = [None if t is None else t[r].detach() for t in self.bn_weight]
+        betas = [None if t is None else t[r].detach() for t in self.bn_bias]
+
+        def task(x: Tensor, *fw: Tensor):
+            if adapt_affine:  # per-task (T, C) γ/β from the fast weights
+                return (self.net.forward(x, fw[:K], self._batch_norm(x.shape[0], bn_step, False, fw[K::2],
+                                                                      fw[K + 1::2])),)
+            return (self.net.forward(x, fw, self._batch_norm(x.shape[0], bn_step, False, gammas, betas)),)
+
+        with torch.no_grad():
+            return self._per_backend(task, x, *fw)[0]
 
     # ----------------------------------------------------------- persistence
-    def _state_tensors(self) -> dict[str, list[Tensor]]:
+    def _state_tensors(self) -> dict[str, list[Optional[Tensor]]]:
         return dict(theta=self.theta, bn_weight=self.bn_weight, bn_bias=self.bn_bias,
                     running_mean=self.running_mean, running_var=self.running_var, lslr=[self.lslr])
 
     def state_dict(self) -> dict:
         """Everything needed to resume bit-identically: config, θ₀, BN γ/β and running statistics,
         LSLR rates, Adam state, the scheduler's last epoch and the meta-step count. Tensors are copies."""
-        out = {k: [t.detach().clone() for t in v] for k, v in self._state_tensors().items()}
+        out = {k: [None if t is None else t.detach().clone() for t in v] for k, v in self._state_tensors().items()}
         out["lslr"] = out["lslr"][0]
         out.update(format=_STATE_FORMAT, config=self.config.to_dict(), backend=self.backend,
                    optimizer=copy.deepcopy(self.optimizer.state_dict()),
@@ -525,13 +580,15 @@ class MAMLPlusPlus:
             if len(theirs) != len(tensors):
                 raise ValueError(f"state[{key!r}] holds {len(theirs)} tensors, expected {len(tensors)}")
             for i, (a, b) in enumerate(zip(tensors, theirs)):
-                if tuple(a.shape) != tuple(b.shape):
-                    raise ValueError(f"state[{key!r}][{i}] has shape {tuple(b.shape)}, expected {tuple(a.shape)}")
+                if (a is None) != (b is None) or (a is not None and tuple(a.shape) != tuple(b.shape)):
+                    raise ValueError(f"state[{key!r}][{i}] has shape {None if b is None else tuple(b.shape)}, "
+                                     f"expected {None if a is None else tuple(a.shape)}")
         with torch.no_grad():
             for key, tensors in mine.items():
                 theirs = [state[key]] if key == "lslr" else list(state[key])
                 for a, b in zip(tensors, theirs):
-                    a.copy_(b)
+                    if a is not None:
+                        a.copy_(b)
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.last_epoch = state.get("scheduler", {}).get("last_epoch")
         if self.last_epoch is not None:
@@ -541,17 +598,21 @@ class MAMLPlusPlus:
 
     @classmethod
     def from_state_dict(cls, state: dict, backend: Optional[str] = None, device=None,
-                        dtype: Optional[torch.dtype] = None) -> "MAMLPlusPlus":
-        """A learner built from the config stored in ``state`` and loaded with it."""
+                        dtype: Optional[torch.dtype] = None, network=None) -> "MAMLPlusPlus":
+        """A learner built from the config stored in ``state`` and loaded with it. ``network``:
+        as in the constructor (needed when the learner was built with a network object rather
+        than one its config names)."""
         if not isinstance(state, dict) or "config" not in state:
             raise ValueError("state is not a MAMLPlusPlus state_dict (no 'config')")
         dtype = dtype or state["theta"][0].dtype
         learner = cls(MAMLConfig.from_dict(state["config"]), backend=backend or state.get("backend", "batched"),
-                      device=device, dtype=dtype)
+                      device=device, dtype=dtype, network=network)
         learner.load_state_dict(state)
         return learner
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"MAMLPlusPlus(backend={self.backend!r}, {c.ways}-way {c.shots}-shot, stages={c.num_stages}, "
-                f"filters={c.num_filters}, inner_steps={c.inner_steps}, device={self.device}, dtype={self.dtype})")
+        net = "vgg" if isinstance(self.net, VGGNet) else type(self.net).__name__
+        return (f"MAMLPlusPlus(backend={self.backend!r}, {c.ways}-way {c.shots}-shot, network={net}, "
+                f"fast_weights={len(self.theta)}, bn_layers={len(self.bn_layers)}, inner_steps={c.inner_steps}, "
+                f"device={self.device}, dtype={self.dtype})")

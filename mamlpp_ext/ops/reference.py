@@ -56,7 +56,7 @@ def _per_group_affine(t: Tensor | None, tasks: int) -> Tensor | None:
 def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bias: Tensor | None = None,
                     running_mean: Tensor | None = None, running_var: Tensor | None = None, *,
                     step: int = 0, training: bool = True, update_stats: bool = True,
-                    momentum: float = 0.1, eps: float = 1e-5, leaky_relu: bool = False) -> Tensor:
+                    momentum: float = 0.1, eps: float = 1e-5, negative_slope: float | None = None) -> Tensor:
     """The plain-PyTorch path of per-step batch norm on task-batched activations.
 
     input: (N, T*C) or (N, T*C, H, W), channel t*C + c = channel c of task t.
@@ -83,8 +83,8 @@ def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bia
     else:
         out = torch.nn.functional.batch_norm(input, running_mean[step].repeat(tasks),
                                              running_var[step].repeat(tasks), w, b, False, 0.0, eps)
-    if leaky_relu:
-        out = torch.nn.functional.leaky_relu(out, 0.01)
+    if negative_slope is not None:
+        out = torch.nn.functional.leaky_relu(out, negative_slope) if negative_slope else torch.relu(out)
     return out
 
 
