@@ -45,9 +45,10 @@ class MAMLConfig:
       down to ``min_meta_lr`` over ``total_epochs``.
 
     Network: ``network`` is "vgg" (the SPEC §2 net, shaped by ``num_stages``, ``num_filters``,
-    ``leaky_relu_slope``, ``bn_momentum`` and ``bn_eps``) or "package.module:function", a function
-    that is called with this config and returns an ``nn.Sequential`` of standard layers or a
-    ``mamlpp_ext.model.network.TaskNetwork`` (docs/networks.md).
+    ``leaky_relu_slope``, ``bn_momentum`` and ``bn_eps``), "package.module:function" (a function
+    called with this config that returns an ``nn.Sequential`` of standard layers or a
+    ``mamlpp_ext.model.network.TaskNetwork``), or "custom" (the network object was handed to the
+    meta-learner directly; it is needed again to rebuild the learner). See docs/networks.md.
 
     Other options: ``bn_eval_stats`` ("batch": normalise with batch statistics at
     evaluation, as the public code does; "running": with the per-step running
@@ -153,9 +154,10 @@ class MAMLConfig:
             _bool(name)
         if self.bn_eval_stats not in BN_EVAL_STATS:
             raise ValueError(f"MAMLConfig.bn_eval_stats must be one of {BN_EVAL_STATS}, got {self.bn_eval_stats!r}")
-        if not isinstance(self.network, str) or not (self.network == "vgg" or _is_import_path(self.network)):
-            raise ValueError(f"MAMLConfig.network must be 'vgg' or an import path 'package.module:function', "
-                             f"got {self.network!r}")
+        if not isinstance(self.network, str) or not (self.network in ("vgg", "custom")
+                                                     or _is_import_path(self.network)):
+            raise ValueError(f"MAMLConfig.network must be 'vgg', 'custom' or an import path "
+                             f"'package.module:function', got {self.network!r}")
         if not isinstance(self.dataset, str):
             raise TypeError(f"MAMLConfig.dataset must be a str, got {type(self.dataset).__name__}")
         for name in ("image_height", "image_width"):
@@ -163,7 +165,8 @@ class MAMLConfig:
             if self.network == "vgg" and v >> self.num_stages < 1:
                 raise ValueError(
                     f"MAMLConfig.{name}={v} is too small for num_stages={self.num_stages}: each stage "
-                    f"halves the feature map, so it must be >= {2 ** self.num_stages}")
+                    f"halves the feature map of the VGG network, so it must be >= {2 ** self.num_stages} (for a "
+                    f"network of your own, set network='custom' or network='package.module:function')")
         if self.adapt_bn_affine and self.per_step_bn_weights:
             raise ValueError(
                 "MAMLConfig.adapt_bn_affine=True needs per_step_bn_weights=False: adapted BN gamma/beta "

@@ -96,6 +96,9 @@ def build_network(config: MAMLConfig, network=None) -> TaskNetwork:
     if network is None:
         if config.network == "vgg":
             return VGGNet.from_config(config)
+        if config.network == "custom":
+            raise ValueError("MAMLConfig.network='custom': the network was handed to the learner as an object; "
+                             "pass the same network= to rebuild the learner")
         source = f"MAMLConfig.network={config.network!r}"
         module_name, _, func_name = config.network.partition(":")
         try:
@@ -123,7 +126,8 @@ class MAMLPlusPlus:
         device, dtype: where and in which floating type the meta-parameters live.
         network: None (the network ``config.network`` names: the VGG net by default), an
             ``nn.Sequential`` of standard layers (docs/networks.md) or a ``TaskNetwork``. Its
-            input is ``config.image_shape`` and its output size must be ``config.ways``.
+            input is ``config.image_shape`` and its output size must be ``config.ways``; the
+            learner's config then records ``network="custom"``.
 
     State (K fast-weight tensors of the network; K' = K, or K + 2 per affine BN layer with
     ``adapt_bn_affine``; S = inner_steps; C = a BN layer's channels):
@@ -147,6 +151,8 @@ class MAMLPlusPlus:
         if not isinstance(config, MAMLConfig):
             raise TypeError(f"config must be a MAMLConfig or a preset name, got {type(config).__name__}")
         config.validate()
+        if network is not None and config.network != "custom":
+            config = config.replace(network="custom")  # recorded in state_dict(): rebuild with network=
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         self.backend = backend

@@ -298,8 +298,9 @@ class SequentialNet(TaskNetwork):
     def _check_module(self, module: nn.Module, input_shape: tuple[int, int, int]) -> int:
         try:
             probe = copy.deepcopy(module).to("meta")
+            dtype = next((p.dtype for p in probe.parameters()), torch.get_default_dtype())
             with torch.no_grad():
-                out = probe(torch.empty((2, *input_shape), device="meta"))
+                out = probe(torch.empty((2, *input_shape), device="meta", dtype=dtype))
         except Exception as exc:  # noqa: BLE001  (any layer may reject the shape)
             raise ValueError(f"network: the module does not accept images of shape {input_shape} "
                              f"(tried a batch of 2): {type(exc).__name__}: {exc}") from None

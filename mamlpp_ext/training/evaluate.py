@@ -25,6 +25,7 @@ from . import checkpoints as ckp
 from . import distributed as D
 from .run_data import DataOptions, eval_dataset, load_pools
 from .scoring import score_batches, score_tasks, summarize_scores
+from .train import import_from_cwd
 from .trainer import check_device
 
 __all__ = ["resolve_members", "load_members", "evaluate_checkpoints", "one_shot_benchmark", "main"]
@@ -150,6 +151,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    import_from_cwd()
     try:
         if args.tasks < 1:
             raise ValueError(f"--tasks must be >= 1, got {args.tasks}")

@@ -100,6 +100,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", help="a public setting (SPEC §4), e.g. omniglot-5way-1shot; see --list-presets")
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.add_argument("--config", help="JSON or YAML file of MAMLConfig fields (may hold 'preset')")
+    p.add_argument("--network", metavar="MODULE:FUNCTION",
+                   help="a network of your own: FUNCTION(config) in MODULE (importable from the current folder or "
+                        "PYTHONPATH) returns an nn.Sequential of standard layers or a TaskNetwork (docs/networks.md); "
+                        "default: the paper's VGG network (config network='vgg')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a MAMLConfig field (repeatable), e.g. --set inner_steps=3 --set grad_clamp=null")
     p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: fused when the extension is built)")
@@ -133,9 +137,17 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def import_from_cwd() -> None:
+    """Let ``--network module:function`` (and a config naming one) import from the current folder,
+    as ``python -m`` does; console scripts do not put it on sys.path."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    import_from_cwd()
     if args.list_presets:
         print("\n".join(preset_names()))
         return 0
@@ -175,13 +187,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             stored = ckp.load_checkpoint(ckpt_path)
             config = MAMLConfig.from_dict(stored["config"])
             if args.preset or args.config or args.set or any(
-                    v is not None for v in (args.seed, args.epochs, args.iters_per_epoch, args.eval_tasks)):
+                    v is not None for v in (args.seed, args.epochs, args.iters_per_epoch, args.eval_tasks, args.network)):
                 asked = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
                                      total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
-                                     eval_tasks=args.eval_tasks) if args.preset or args.config else \
+                                     eval_tasks=args.eval_tasks, network=args.network) if args.preset or args.config else \
                     config.replace(**{k: v for k, v in dict(
                         seed=args.seed, total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
-                        eval_tasks=args.eval_tasks, **{s.split("=", 1)[0].strip(): parse_value(s.split("=", 1)[1])
+                        eval_tasks=args.eval_tasks, network=args.network, **{s.split("=", 1)[0].strip(): parse_value(s.split("=", 1)[1])
                                                        for s in args.set if "=" in s}).items() if v is not None})
                 diff = sorted(k for k, v in asked.to_dict().items() if config.to_dict()[k] != v)
                 if diff:
@@ -195,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             config = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
                                   total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
-                                  eval_tasks=args.eval_tasks)
+                                  eval_tasks=args.eval_tasks, network=args.network)
             run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{args.preset or 'custom'}-seed{config.seed}"
             trainer = Trainer(config, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
