@@ -108,7 +108,7 @@ def run(args) -> list[dict]:
             if device.type == "cuda":
                 row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             case_rows.append(row)
-            del learner
+
         times = {r["backend"]: r["median_s"] for r in case_rows if r["median_s"] is not None}
         for r in case_rows:
             if r["median_s"] is None:

@@ -17,10 +17,7 @@ import torch.distributed as dist
 
 import mamlpp_ext
 from mamlpp_ext.training import checkpoints as ckp
-from mamlpp_ext.training import run_data as RD
-from mamlpp_ext.training import scoring as SC
 from mamlpp_ext.training import train as T
-from mamlpp_ext.training.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dist_worker as W  # noqa: E402
@@ -41,7 +38,8 @@ def torchrun(nproc: int, *args: str, timeout: float = 300, env: dict | None = No
 
 
 def _check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                                  f"stderr:\n{proc.stderr[-5000:]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +118,8 @@ def test_cli_resume_across_process_counts(tmp_path, fake_root):
     assert ref["iteration"] == 6 and not ref["interrupted"]
 
     # two processes until iteration 4 (mid-epoch), then one process to the end
-    _check(torchrun(2, "-m", "mamlpp_ext.training.train", *_cli_args(fake_root, tmp_path / "a", "--stop-at-iteration", "4")))
+    _check(torchrun(2, "-m", "mamlpp_ext.training.train",
+                    *_cli_args(fake_root, tmp_path / "a", "--stop-at-iteration", "4")))
     part = _state(tmp_path / "a")
     assert part["iteration"] == 4 and part["interrupted"]
     assert T.main(["--resume", "--run-dir", str(tmp_path / "a"), "--no-progress", "--no-tensorboard",

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mamlpp_ext.training import checkpoints as ckp
 from mamlpp_ext.training import run_data as RD
 from mamlpp_ext.training import scoring as SC
 from mamlpp_ext.training import evaluate as E
 from mamlpp_ext.training import plot as P
-from mamlpp_ext.training import train as T
 from mamlpp_ext.training.trainer import Trainer
 from mamlpp_ext.model.config import MAMLConfig
 from mamlpp_ext.data.synthetic import make_fake_omniglot
@@ -71,7 +68,7 @@ def test_ensemble_averages_logits(run):
     expect = []
     for b in range(len(ds)):
         sx, sy, qx, qy = ds[b]
-        logits = sum(l.evaluate(sx, sy, qx)["logits"] for l in learners) / len(learners)
+        logits = sum(m.evaluate(sx, sy, qx)["logits"] for m in learners) / len(learners)
         expect.append((logits.argmax(-1) == qy).double().mean(-1))
     assert res["task_accuracies"] == pytest.approx(torch.cat(expect).tolist())
     assert len(res["member_accuracies"]) == 2

@@ -263,7 +263,8 @@ def test_eval_steps_beyond_training_reuse_last_row():
     sx, sy, qx, qy = random_batch(cfg, T=1, seed=8)
     net = L.net
     w = [t.detach() for t in L.theta]
-    rows = lambda ts, i: [t[min(i, 1)].detach() for t in ts]
+    def rows(ts, i):
+        return [t[min(i, 1)].detach() for t in ts]
     for i in range(4):
         w = [p.requires_grad_() for p in w]
         out = forward_task(net, sx[0], w, rows(L.bn_weight, i), rows(L.bn_bias, i), rows(L.running_mean, i),
@@ -480,7 +481,8 @@ def test_rejects_bad_batches(backend):
     sx, sy, qx, qy = batch = random_batch(cfg)
     cases = [
         (_bad(batch, 0, sx[0]), ValueError, r"support_x must have shape \(T, N·K, C, H, W\)"),
-        (_bad(batch, 0, sx.repeat(1, 1, 3, 1, 1)), ValueError, "support_x has 3 channels but the network expects image_channels=1"),
+        (_bad(batch, 0, sx.repeat(1, 1, 3, 1, 1)), ValueError,
+         "support_x has 3 channels but the network expects image_channels=1"),
         (_bad(batch, 2, qx[..., :8, :8]), ValueError, "query_x has images of 8x8"),
         (_bad(batch, 1, sy[:, :-1]), ValueError, "support_y must have shape"),
         (_bad(batch, 3, qy + cfg.ways), ValueError, r"query_y holds labels in \[3, 5\] but must be in \[0, 2\]"),

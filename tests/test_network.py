@@ -59,13 +59,16 @@ def _reference_module(net: VGGNet, weights, gamma, beta):
         conv = nn.Conv2d(c, net.num_filters, 3, padding=1, dtype=DT)
         bn = nn.BatchNorm2d(net.num_filters, eps=net.bn_eps, momentum=net.bn_momentum, dtype=DT)
         with torch.no_grad():
-            conv.weight.copy_(weights[2 * i]); conv.bias.copy_(weights[2 * i + 1])
-            bn.weight.copy_(gamma[i]); bn.bias.copy_(beta[i])
+            conv.weight.copy_(weights[2 * i])
+            conv.bias.copy_(weights[2 * i + 1])
+            bn.weight.copy_(gamma[i])
+            bn.bias.copy_(beta[i])
         layers += [conv, bn, nn.LeakyReLU(0.01), nn.MaxPool2d(2, 2)]
         c = net.num_filters
     lin = nn.Linear(net.feature_size, net.num_classes, dtype=DT)
     with torch.no_grad():
-        lin.weight.copy_(weights[-2]); lin.bias.copy_(weights[-1])
+        lin.weight.copy_(weights[-2])
+        lin.bias.copy_(weights[-1])
     return nn.Sequential(*layers, nn.Flatten(), lin)
 
 
@@ -83,7 +86,8 @@ def test_per_task_forward_matches_torch_nn(shape):
     rm = [torch.randn(6, generator=g, dtype=DT) for _ in range(stages)]
     rv = [torch.rand(6, generator=g, dtype=DT) + 0.5 for _ in range(stages)]
     for i, bn in enumerate(m for m in ref if isinstance(m, nn.BatchNorm2d)):
-        bn.running_mean.copy_(rm[i]); bn.running_var.copy_(rv[i])
+        bn.running_mean.copy_(rm[i])
+        bn.running_var.copy_(rv[i])
     out = forward_task(net, x, ws, gamma, beta, rm, rv, "train")
     torch.testing.assert_close(out, ref(x), rtol=1e-12, atol=1e-12)
     bns = [m for m in ref if isinstance(m, nn.BatchNorm2d)]
@@ -125,7 +129,8 @@ def test_batched_layout_matches_per_task(shape, per_task_affine):
         ga = [p[t] if per_task_affine else p for p in gamma]
         be = [p[t] if per_task_affine else p for p in beta]
         outs.append(forward_task(net, x[t], [wk[t] for wk in ws], ga, be, rm_t, rv_t, "train"))
-        rms.append(rm_t); rvs.append(rv_t)
+        rms.append(rm_t)
+        rvs.append(rv_t)
     out_s = torch.stack(outs)
     gs = torch.autograd.grad((out_s ** 2).sum(), ws + gamma + beta)
     torch.testing.assert_close(out_b, out_s, rtol=1e-10, atol=1e-10)

@@ -22,7 +22,6 @@ import torch
 
 from mamlpp_ext.training import checkpoints as ckp
 from mamlpp_ext.training import run_data as RD
-from mamlpp_ext.training import scoring as SC
 from mamlpp_ext.training import train as T
 from mamlpp_ext.training.trainer import Trainer
 from mamlpp_ext.model.config import MAMLConfig, from_preset

@@ -237,7 +237,8 @@ def test_shape_errors_are_clear():
         MAMLPlusPlus(cfg.replace(ways=5), network=module)
     with pytest.raises(ValueError, match="track_running_stats=False"):
         MAMLPlusPlus(cfg.replace(bn_eval_stats="running"),
-                     network=nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.BatchNorm1d(3, track_running_stats=False)))
+                     network=nn.Sequential(nn.Flatten(), nn.Linear(64, 3),
+                                           nn.BatchNorm1d(3, track_running_stats=False)))
     with pytest.raises(ValueError, match="affine=True"):
         MAMLPlusPlus(cfg.replace(adapt_bn_affine=True, per_step_bn_weights=False),
                      network=nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.BatchNorm1d(3, affine=False)))

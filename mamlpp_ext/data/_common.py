@@ -92,7 +92,7 @@ class ImageRef:
         return self.path if self.member is None else f"{self.path}!{self.member}"
 
 
-def _decode(data: bytes | str, mode: str, size: int, resample: str, binary_direct: bool) -> np.ndarray:
+def decode_image(data: bytes | str, mode: str, size: int, resample: str, binary_direct: bool) -> np.ndarray:
     """Decode one image and resize it to ``size``×``size``; returns uint8 (C, H, W)."""
     from PIL import Image
 
@@ -128,7 +128,7 @@ def _decode_chunk(args) -> tuple[int, np.ndarray | None, str | None]:
                     if zf is None:
                         zf = zips[ref.path] = zipfile.ZipFile(ref.path)
                     data = zf.read(ref.member)
-                out[i] = _decode(data, mode, size, resample, binary_direct)
+                out[i] = decode_image(data, mode, size, resample, binary_direct)
             except Exception as exc:  # noqa: BLE001 - reported with the path below
                 return start, None, f"cannot read image {ref}: {type(exc).__name__}: {exc}"
     finally:

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from ._common import CorruptImageError, DatasetNotFoundError, _decode, resample_filter
+from ._common import CorruptImageError, DatasetNotFoundError, decode_image, resample_filter
 from .episodes import Episode
 from .omniglot import resolve_omniglot_root
 
@@ -105,7 +105,7 @@ def load_one_shot_runs(root: str | os.PathLike | None = None, *, size: int = 28,
 
     def image(rel: str) -> np.ndarray:
         try:
-            return _decode(read(rel), "L", size, resample, binary_resize)
+            return decode_image(read(rel), "L", size, resample, binary_resize)
         except DatasetNotFoundError:
             raise
         except Exception as exc:  # noqa: BLE001

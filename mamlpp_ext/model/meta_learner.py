@@ -171,7 +171,8 @@ class MAMLPlusPlus:
 
         g = torch.Generator().manual_seed(config.seed)
         dev, dt = self.device, dtype
-        self.theta: list[Tensor] = [t.requires_grad_() for t in self.net.init_weights(generator=g, dtype=dt, device=dev)]
+        self.theta: list[Tensor] = [t.requires_grad_()
+                                    for t in self.net.init_weights(generator=g, dtype=dt, device=dev)]
         S = config.inner_steps
         rows_w = S if config.per_step_bn_weights else 1
         rows_s = S if config.per_step_bn_statistics else 1
@@ -268,7 +269,8 @@ class MAMLPlusPlus:
         if (H, W) != (cfg.image_height, cfg.image_width):
             raise ValueError(f"{xname} has images of {H}x{W} but the network expects "
                              f"{cfg.image_height}x{cfg.image_width} (shape {tuple(x.shape)})")
-        if not (x.dtype.is_floating_point or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        if not (x.dtype.is_floating_point or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32,
+                                                          torch.int64)):
             raise TypeError(f"{xname} must hold real numbers, got dtype {x.dtype}")
         if num_tasks is not None and T != num_tasks:
             raise ValueError(f"{xname} has {T} tasks but the support set has {num_tasks}")
@@ -284,7 +286,8 @@ class MAMLPlusPlus:
         lo, hi = torch.aminmax(y)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= cfg.ways:
-            raise ValueError(f"{yname} holds labels in [{lo}, {hi}] but must be in [0, {cfg.ways - 1}] (ways={cfg.ways})")
+            raise ValueError(f"{yname} holds labels in [{lo}, {hi}] but must be in [0, {cfg.ways - 1}] "
+                             f"(ways={cfg.ways})")
         return x, y.to(device=self.device, dtype=torch.int64)
 
     def _check_inputs(self, support_x, support_y, query_x, query_y):
@@ -366,7 +369,8 @@ class MAMLPlusPlus:
                 r = min(step, n_w - 1)
                 gammas = [None if t is None else t[r] for t in bn_w]
                 betas = [None if t is None else t[r] for t in bn_b]
-            return forward(x, fast_w[:K] if adapt_affine else fast_w, self._batch_norm(T, step, training, gammas, betas))
+            bn = self._batch_norm(T, step, training, gammas, betas)
+            return forward(x, fast_w[:K] if adapt_affine else fast_w, bn)
 
         total = None
         q_logits = None
@@ -410,13 +414,15 @@ class MAMLPlusPlus:
         ``loss_weights`` (list of S floats), ``second_order`` (bool)).
         """
         epoch = self._check_epoch(epoch)
-        return self._meta_loss(*self._check_inputs(support_x, support_y, query_x, query_y), epoch_plan(self.config, epoch))
+        batch = self._check_inputs(support_x, support_y, query_x, query_y)
+        return self._meta_loss(*batch, epoch_plan(self.config, epoch))
 
     def _meta_loss(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> tuple[Tensor, dict]:
         """``meta_loss`` on validated inputs (already on the learner's device and dtype)."""
         def task(sx, sy, qx, qy):
             return self._inner_loop(sx, sy, qx, qy, steps=self.config.inner_steps, create_graph=plan.second_order,
-                                    weights=plan.loss_weights, score_every_step=plan.score_every_step, training=True)[:2]
+                                    weights=plan.loss_weights, score_every_step=plan.score_every_step,
+                                    training=True)[:2]
 
         with torch.enable_grad():
             task_losses, q_logits = self._per_backend(task, sx, sy, qx, qy)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import signal
 from typing import Callable, Optional
 
 import torch

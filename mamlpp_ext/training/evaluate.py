@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
 
 from ..model import BACKENDS, MAMLPlusPlus
 from . import checkpoints as ckp

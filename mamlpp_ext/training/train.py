@@ -123,7 +123,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="run folder (default runs/<preset>-seed<seed>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                    help="continue the run in --run-dir (or from the given checkpoint file)")
-    p.add_argument("--keep-top-k", type=int, help="epoch checkpoints kept by validation accuracy (default ensemble_top_k)")
+    p.add_argument("--keep-top-k", type=int,
+                   help="epoch checkpoints kept by validation accuracy (default ensemble_top_k)")
     p.add_argument("--log-every", type=int, default=50, help="meta-steps between train records (default 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
@@ -186,15 +187,14 @@ def main(argv: Optional[list[str]] = None) -> int:
             ckpt_path = run_dir / "checkpoints" / "latest.pt" if args.resume is True else Path(args.resume)
             stored = ckp.load_checkpoint(ckpt_path)
             config = MAMLConfig.from_dict(stored["config"])
-            if args.preset or args.config or args.set or any(
-                    v is not None for v in (args.seed, args.epochs, args.iters_per_epoch, args.eval_tasks, args.network)):
-                asked = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
-                                     total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
-                                     eval_tasks=args.eval_tasks, network=args.network) if args.preset or args.config else \
-                    config.replace(**{k: v for k, v in dict(
-                        seed=args.seed, total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
-                        eval_tasks=args.eval_tasks, network=args.network, **{s.split("=", 1)[0].strip(): parse_value(s.split("=", 1)[1])
-                                                       for s in args.set if "=" in s}).items() if v is not None})
+            asked_fields = dict(seed=args.seed, total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
+                                eval_tasks=args.eval_tasks, network=args.network)
+            if args.preset or args.config or args.set or any(v is not None for v in asked_fields.values()):
+                if args.preset or args.config:
+                    asked = build_config(args.preset, args.config, tuple(args.set), **asked_fields)
+                else:
+                    sets = {k.strip(): parse_value(v) for k, _, v in (s.partition("=") for s in args.set) if _}
+                    asked = config.replace(**{k: v for k, v in {**asked_fields, **sets}.items() if v is not None})
                 diff = sorted(k for k, v in asked.to_dict().items() if config.to_dict()[k] != v)
                 if diff:
                     raise ValueError(f"--resume continues the stored config; these settings differ from it: {diff}")
@@ -208,7 +208,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             config = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
                                   total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
                                   eval_tasks=args.eval_tasks, network=args.network)
-            run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{args.preset or 'custom'}-seed{config.seed}"
+            run_dir = Path(args.run_dir or Path("runs") / f"{args.preset or 'custom'}-seed{config.seed}")
             trainer = Trainer(config, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,

@@ -310,7 +310,7 @@ class Trainer:
 
     def _fit(self, stop_at_iteration: Optional[int]) -> dict:
         cfg = self.config
-        I, E = cfg.iterations_per_epoch, cfg.total_epochs
+        I, E = cfg.iterations_per_epoch, cfg.total_epochs  # noqa: E741  (the paper's names)
         last_row: dict = {}
         if self.iteration >= E * I:
             return last_row
