@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # noqa: E402
 
 # section name -> module in benchmarks/ exposing add_arguments(parser), run(args) -> rows, COLUMNS
-SECTIONS = {"update": "update", "batchnorm": "batchnorm", "meta-step": "meta_step", "sampling": "sampling"}
+SECTIONS = {"update": "update", "batchnorm": "batchnorm", "meta-step": "meta_step", "sampling": "sampling", "host": "host"}
 
 
 def _load(name: str):

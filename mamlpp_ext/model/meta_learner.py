@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -56,6 +57,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import reference
 from .config import MAMLConfig, from_preset
+from .graph import GraphRunner, graph_support
 from .network import SequentialNet, TaskNetwork, VGGNet
 from .schedules import EpochPlan, epoch_plan, meta_lr_at
 
@@ -128,6 +130,9 @@ class MAMLPlusPlus:
             ``nn.Sequential`` of standard layers (docs/networks.md) or a ``TaskNetwork``. Its
             input is ``config.image_shape`` and its output size must be ``config.ways``; the
             learner's config then records ``network="custom"``.
+        graph: CUDA-graph mode (NOTE [Graph mode] in graph.py): False (eager), True (capture the
+            training step and evaluation; raises when the device or backend cannot), or "auto"
+            (graph mode when it can run, else eager with one line on stderr saying why).
 
     State (K fast-weight tensors of the network; K' = K, or K + 2 per affine BN layer with
     ``adapt_bn_affine``; S = inner_steps; C = a BN layer's channels):
@@ -145,7 +150,7 @@ class MAMLPlusPlus:
 
     def __init__(self, config: MAMLConfig | str, backend: str = "batched",
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 network=None) -> None:
+                 network=None, graph: bool | str = False) -> None:
         if isinstance(config, str):
             config = from_preset(config)
         if not isinstance(config, MAMLConfig):
@@ -189,7 +194,19 @@ class MAMLPlusPlus:
         rows_lr = S if config.per_step_inner_lr else 1
         self.lslr = torch.full((len(self.fast_weight_names), rows_lr), float(config.inner_lr), dtype=dt, device=dev,
                                requires_grad=config.learnable_inner_lr)
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=meta_lr_at(config, 0))
+        if graph not in (False, True, "auto", "check"):
+            raise ValueError(f"graph must be False, True or 'auto', got {graph!r}")
+        why_not = graph_support(self.device, self.backend_impl) if graph in (True, "auto") else None
+        if why_not is not None and graph is True:
+            raise ValueError(why_not)
+        if why_not is not None:
+            print(f"mamlpp_ext: graph mode off: {why_not}", file=sys.stderr, flush=True)
+        # "check": the capturable optimizer state without a runner (graph.check_capturable)
+        self._capturable = graph == "check" or (bool(graph) and why_not is None)
+        self._meta_lr_value = meta_lr_at(config, 0)
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=self._meta_lr_value)
+        self._configure_optimizer()
+        self.graph: Optional[GraphRunner] = GraphRunner(self) if self._capturable and graph != "check" else None
         self.last_epoch: Optional[int] = None
         self.meta_steps_done = 0
         # NOTE [Cross-process mean]: when set (training.distributed), meta_step calls it once per
@@ -209,6 +226,9 @@ class MAMLPlusPlus:
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected one of {tuple(BACKENDS)}")
         impl = BACKENDS[name]
+        if getattr(self, "graph", None) is not None and graph_support(self.device, impl) is not None:
+            raise ValueError(f"cannot switch a graph-mode learner to backend {name!r}: "
+                             f"{graph_support(self.device, impl)}")
         if impl.needs_extension and not ops.has_extension():
             raise RuntimeError(f"backend={name!r} needs the compiled mamlpp_ext kernels, but "
                                f"{ops.EXTENSION_ERROR}; use backend='batched' or 'sequential'")
@@ -254,7 +274,9 @@ class MAMLPlusPlus:
 
     # ------------------------------------------------------------ validation
     def _check_batch(self, x: Tensor, y: Optional[Tensor], xname: str, yname: str,
-                     num_tasks: Optional[int] = None) -> tuple[Tensor, Optional[Tensor]]:
+                     num_tasks: Optional[int] = None, move: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        """Validate images x (T, B, C, H, W) and labels y (T, B) (label range read where y lives);
+        return them in the learner's dtype, on its device when ``move`` (else where they are)."""
         cfg = self.config
         if not isinstance(x, Tensor):
             raise TypeError(f"{xname} must be a torch.Tensor, got {type(x).__name__}")
@@ -274,7 +296,7 @@ class MAMLPlusPlus:
             raise TypeError(f"{xname} must hold real numbers, got dtype {x.dtype}")
         if num_tasks is not None and T != num_tasks:
             raise ValueError(f"{xname} has {T} tasks but the support set has {num_tasks}")
-        x = x.to(device=self.device, dtype=self.dtype)
+        x = x.to(device=self.device if move else x.device, dtype=self.dtype)
         if y is None:
             return x, None
         if not isinstance(y, Tensor):
@@ -288,11 +310,11 @@ class MAMLPlusPlus:
         if lo < 0 or hi >= cfg.ways:
             raise ValueError(f"{yname} holds labels in [{lo}, {hi}] but must be in [0, {cfg.ways - 1}] "
                              f"(ways={cfg.ways})")
-        return x, y.to(device=self.device, dtype=torch.int64)
+        return x, y.to(device=self.device if move else y.device, dtype=torch.int64)
 
-    def _check_inputs(self, support_x, support_y, query_x, query_y):
-        sx, sy = self._check_batch(support_x, support_y, "support_x", "support_y")
-        qx, qy = self._check_batch(query_x, query_y, "query_x", "query_y", num_tasks=sx.shape[0])
+    def _check_inputs(self, support_x, support_y, query_x, query_y, move: bool = True):
+        sx, sy = self._check_batch(support_x, support_y, "support_x", "support_y", move=move)
+        qx, qy = self._check_batch(query_x, query_y, "query_x", "query_y", num_tasks=sx.shape[0], move=move)
         return sx, sy, qx, qy
 
     @staticmethod
@@ -440,39 +462,88 @@ class MAMLPlusPlus:
         ``accuracy`` (float, mean final query accuracy) — both averaged over the processes when
         ``cross_process_mean`` is set — ``task_accuracies`` (list of this process's T floats),
         ``loss_weights`` (list of S floats), ``meta_lr`` (float), ``second_order`` (bool),
-        ``epoch`` (int).
+        ``epoch`` (int). Reads the metrics back to the host: ``train_step`` does not.
         """
         epoch = self._check_epoch(epoch)
-        batch = self._check_inputs(support_x, support_y, query_x, query_y)  # before any state changes
         plan = epoch_plan(self.config, epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = plan.meta_lr
-        self.last_epoch = epoch
-        stats = self._train_step(*batch, plan).tolist()
-        self.meta_steps_done += 1
+        stats = self.train_step(support_x, support_y, query_x, query_y, epoch).tolist()
         return dict(loss=stats[0], accuracy=stats[1], task_accuracies=stats[2:], loss_weights=plan.loss_weights,
                     meta_lr=plan.meta_lr, second_order=plan.second_order, epoch=epoch)
 
+    def train_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
+                   epoch: int) -> Tensor:
+        """``meta_step`` without reading anything back: returns a device tensor [loss, accuracy,
+        T task accuracies] (in graph mode, valid until the next step). Inputs are validated on
+        their own device before any state changes: pass CPU labels (as the data loaders give)
+        to keep the step free of host syncs."""
+        epoch = self._check_epoch(epoch)
+        graph = self.graph is not None
+        batch = self._check_inputs(support_x, support_y, query_x, query_y, move=not graph)
+        plan = epoch_plan(self.config, epoch)
+        self._set_meta_lr(plan.meta_lr)
+        self.last_epoch = epoch
+        out = self.graph.train_step(batch, plan) if graph else self._train_step(*batch, plan)
+        self.meta_steps_done += 1
+        return out
+
     def _train_step(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
-        """The device work of one meta-step on validated inputs: loss, backward, cross-process
-        mean, clamp, Adam. Returns a device tensor [loss, mean accuracy, T task accuracies]."""
+        """The device work of one eager meta-step on validated inputs: loss, backward,
+        cross-process mean, clamp, Adam. Returns a device tensor [loss, mean accuracy, T task accuracies]."""
+        metrics = self._forward_backward(sx, sy, qx, qy, plan)
+        if self.cross_process_mean is not None:
+            self.cross_process_mean([p.grad for p in self._grads_for_mean()] + self.running_stats + [metrics[:2]])
+        self._clamp_and_step()
+        return metrics
+
+    def _forward_backward(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
+        """Meta-loss and its backward into the meta-parameters' ``.grad``; returns [loss, mean
+        accuracy, T task accuracies] on the device."""
         loss, info = self._meta_loss(sx, sy, qx, qy, plan)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        metrics = torch.cat([loss.detach().reshape(1), info["task_accuracies"].mean().reshape(1)])
-        if self.cross_process_mean is not None:
-            params = self.parameters()
-            for p in params:  # every process must contribute the same layout
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            self.cross_process_mean([p.grad for p in params] + self.running_stats + [metrics])
+        acc = info["task_accuracies"]
+        return torch.cat([loss.detach().reshape(1), acc.mean().reshape(1), acc])
+
+    def _grads_for_mean(self) -> list[Tensor]:
+        """The meta-parameters, each with a ``.grad`` (zeros where the backward produced none), so
+        that every process contributes the same layout to the cross-process mean."""
+        params = self.parameters()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return params
+
+    def _clamp_and_step(self) -> None:
+        """The optional gradient clamp (network weights and BN γ/β, not the LSLR rates) and Adam."""
         if self.config.grad_clamp is not None:
             c = float(self.config.grad_clamp)
             for p in self.theta + [t for t in self.bn_weight + self.bn_bias if t is not None]:
                 if p.grad is not None:
                     p.grad.clamp_(-c, c)
         self.optimizer.step()
-        return torch.cat([metrics, info["task_accuracies"]])
+
+    def _set_meta_lr(self, lr: float) -> None:
+        """Adam's learning rate: a float in eager mode, a device tensor filled in place in graph mode."""
+        self._meta_lr_value = float(lr)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = float(lr)
+
+    def _configure_optimizer(self) -> None:
+        """Put Adam in this learner's mode: capturable with a device-tensor learning rate and
+        device step counts (graph mode), or plain with a float rate and CPU step counts. Also
+        used after loading a state from the other mode."""
+        cap = self._capturable
+        for group in self.optimizer.param_groups:
+            group["capturable"] = cap
+            group["lr"] = torch.tensor(self._meta_lr_value, dtype=torch.float32, device=self.device) if cap \
+                else self._meta_lr_value
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                step = state["step"]
+                state["step"] = step.to(device=self.device if cap else "cpu", dtype=torch.float32)
 
     # ------------------------------------------------------------ evaluation
     def _eval_steps(self, steps: Optional[int]) -> int:
@@ -502,7 +573,10 @@ class MAMLPlusPlus:
         steps = self._eval_steps(steps)
         sx, sy = self._check_batch(support_x, support_y, "support_x", "support_y")
         qx, qy = self._check_batch(query_x, query_y, "query_x", "query_y", num_tasks=sx.shape[0])
-        task_losses, q_logits, _ = self._adapt_and_score(sx, sy, qx, qy, steps)
+        if self.graph is not None:
+            task_losses, q_logits = self.graph.evaluate(sx, sy, qx, qy, steps)
+        else:
+            task_losses, q_logits, _ = self._adapt_and_score(sx, sy, qx, qy, steps)
         out: dict = dict(logits=q_logits.detach())
         if qy is not None:
             acc = (out["logits"].argmax(-1) == qy).to(self.dtype).mean(-1)
@@ -572,7 +646,7 @@ class MAMLPlusPlus:
         out = {k: [None if t is None else t.detach().clone() for t in v] for k, v in self._state_tensors().items()}
         out["lslr"] = out["lslr"][0]
         out.update(format=_STATE_FORMAT, config=self.config.to_dict(), backend=self.backend,
-                   optimizer=copy.deepcopy(self.optimizer.state_dict()),
+                   optimizer=self._portable_optimizer_state(),
                    scheduler=dict(last_epoch=self.last_epoch), meta_steps_done=self.meta_steps_done)
         return out
 
@@ -603,22 +677,32 @@ class MAMLPlusPlus:
                         a.copy_(b)
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.last_epoch = state.get("scheduler", {}).get("last_epoch")
-        if self.last_epoch is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.meta_lr(self.last_epoch)
+        self._meta_lr_value = self.meta_lr(self.last_epoch if self.last_epoch is not None else 0)
+        self._configure_optimizer()  # the stored state may come from the other (eager/graph) mode
         self.meta_steps_done = int(state.get("meta_steps_done", 0))
+
+    def _portable_optimizer_state(self) -> dict:
+        """Adam's state as an eager learner stores it (float learning rate, CPU step counts, not
+        capturable), whatever this learner's mode: checkpoints load in either mode."""
+        st = copy.deepcopy(self.optimizer.state_dict())
+        for group in st["param_groups"]:
+            group["lr"], group["capturable"] = self._meta_lr_value, False
+        for s in st["state"].values():
+            if "step" in s:
+                s["step"] = s["step"].detach().to("cpu", torch.float32)
+        return st
 
     @classmethod
     def from_state_dict(cls, state: dict, backend: Optional[str] = None, device=None,
-                        dtype: Optional[torch.dtype] = None, network=None) -> "MAMLPlusPlus":
-        """A learner built from the config stored in ``state`` and loaded with it. ``network``:
-        as in the constructor (needed when the learner was built with a network object rather
-        than one its config names)."""
+                        dtype: Optional[torch.dtype] = None, network=None, graph: bool | str = False) -> "MAMLPlusPlus":
+        """A learner built from the config stored in ``state`` and loaded with it. ``network``,
+        ``graph``: as in the constructor (``network`` is needed when the learner was built with a
+        network object rather than one its config names)."""
         if not isinstance(state, dict) or "config" not in state:
             raise ValueError("state is not a MAMLPlusPlus state_dict (no 'config')")
         dtype = dtype or state["theta"][0].dtype
         learner = cls(MAMLConfig.from_dict(state["config"]), backend=backend or state.get("backend", "batched"),
-                      device=device, dtype=dtype, network=network)
+                      device=device, dtype=dtype, network=network, graph=graph)
         learner.load_state_dict(state)
         return learner
 

@@ -24,7 +24,7 @@ from . import checkpoints as ckp
 from . import distributed as D
 from .run_data import DataOptions, eval_dataset, load_pools
 from .scoring import score_batches, score_tasks, summarize_scores
-from .train import import_from_cwd
+from .train import GRAPH_MODES, import_from_cwd
 from .trainer import check_device
 
 __all__ = ["resolve_members", "load_members", "evaluate_checkpoints", "one_shot_benchmark", "main"]
@@ -57,8 +57,10 @@ def resolve_members(paths: Sequence[str | Path], top_k: Optional[int] = None) ->
     return out
 
 
-def load_members(paths: Sequence[Path], backend: Optional[str] = None, device=None) -> tuple[list, list[dict]]:
-    """``(learners, checkpoints)`` for the given files; the task shapes must agree."""
+def load_members(paths: Sequence[Path], backend: Optional[str] = None, device=None,
+                 graph: bool | str = False) -> tuple[list, list[dict]]:
+    """``(learners, checkpoints)`` for the given files; the task shapes must agree. ``graph``:
+    the learners' CUDA-graph mode (evaluation captured per batch shape)."""
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"--backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     ckpts = [ckp.load_checkpoint(p) for p in paths]
@@ -67,8 +69,8 @@ def load_members(paths: Sequence[Path], backend: Optional[str] = None, device=No
         diff = [f for f in _SHAPE_FIELDS if c["config"][f] != ref[f]]
         if diff:
             raise ValueError(f"cannot ensemble {paths[0]} and {p}: they differ in {diff}")
-    learners = [MAMLPlusPlus.from_state_dict(c["learner"], backend=backend or c["backend"], device=device)
-                for c in ckpts]
+    learners = [MAMLPlusPlus.from_state_dict(c["learner"], backend=backend or c["backend"], device=device,
+                                             graph=graph) for c in ckpts]
     return learners, ckpts
 
 
@@ -135,6 +137,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seed", type=int, help="seed of the fixed tasks (default: the run's)")
     p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
+                   help="CUDA-graph mode for the evaluation batches (auto: on for CUDA with the batched or fused "
+                        "backend; default auto)")
     p.add_argument("--dataset-root", help="dataset folder (default: the run's)")
     p.add_argument("--cache-dir", help="preprocessing cache folder")
     p.add_argument("--one-shot", action="store_true", help="also run the all_runs.zip 20-way one-shot benchmark")
@@ -162,7 +167,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if D.launched_by_torchrun():
             device = D.init_from_env(device, args.dist_timeout)
         paths = resolve_members(args.paths, args.top_k)
-        learners, ckpts = load_members(paths, args.backend, device)
+        learners, ckpts = load_members(paths, args.backend, device, graph=GRAPH_MODES[args.graph])
         data = DataOptions.from_dict(ckpts[0]["data"])
         if args.dataset_root:
             data.root = args.dataset_root

@@ -23,7 +23,10 @@ from . import distributed as D
 from .run_data import SPLITS, DataOptions
 from .trainer import Trainer, TrainingInterrupted
 
-__all__ = ["build_config", "main", "make_parser", "parse_value"]
+__all__ = ["GRAPH_MODES", "build_config", "main", "make_parser", "parse_value"]
+
+#: --graph choices -> the learner's ``graph`` argument
+GRAPH_MODES = {"auto": "auto", "on": True, "off": False}
 
 
 
@@ -108,6 +111,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="override a MAMLConfig field (repeatable), e.g. --set inner_steps=3 --set grad_clamp=null")
     p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: fused when the extension is built)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
+                   help="CUDA-graph mode: capture the meta-step once and replay it (auto: on for CUDA with the "
+                        "batched or fused backend; default auto)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and the training task stream")
     p.add_argument("--epochs", type=int, help="total epochs (config total_epochs; the CA schedule spans them)")
     p.add_argument("--iters-per-epoch", type=int, help="meta-steps per epoch (config iterations_per_epoch)")
@@ -203,7 +209,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             trainer = Trainer(None, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
-                              tensorboard=not args.no_tensorboard, resume=ckpt_path)
+                              tensorboard=not args.no_tensorboard, resume=ckpt_path,
+                              graph=GRAPH_MODES[args.graph])
         else:
             config = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
                                   total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
@@ -212,7 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             trainer = Trainer(config, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
-                              tensorboard=not args.no_tensorboard)
+                              tensorboard=not args.no_tensorboard, graph=GRAPH_MODES[args.graph])
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         parser.error(str(exc))
     if trainer.is_main:

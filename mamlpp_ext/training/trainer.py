@@ -110,6 +110,8 @@ class Trainer:
         handle_signals: install SIGINT/SIGTERM handlers during ``fit`` (main thread only).
         strategy: how work is shared with other processes (NOTE [Process strategy]); default
             ``SingleProcess()``.
+        graph: CUDA-graph mode of the learner (False, True or "auto"; NOTE [Graph mode] in
+            model/graph.py).
     """
 
     def __init__(self, config: Optional[MAMLConfig], run_dir: str | os.PathLike, *, backend: Optional[str] = None,
@@ -117,7 +119,7 @@ class Trainer:
                  pools: Optional[dict] = None, keep_top_k: Optional[int] = None,
                  eval_batch_size: Optional[int] = None, log_every: int = 50, progress: bool = True,
                  tensorboard: bool = True, resume: bool | str | os.PathLike = False,
-                 handle_signals: bool = True, strategy=None) -> None:
+                 handle_signals: bool = True, strategy=None, graph: bool | str = False) -> None:
         self.strategy = strategy if strategy is not None else SingleProcess()
         if not self.strategy.is_main:
             progress = False
@@ -159,7 +161,7 @@ class Trainer:
             raise ValueError(f"meta_batch={config.meta_batch} tasks cannot be split evenly across "
                              f"{self.strategy.world_size} processes; choose a meta_batch divisible by the number "
                              f"of processes")
-        self.learner = MAMLPlusPlus(config, backend=self.backend, device=self.device)
+        self.learner = MAMLPlusPlus(config, backend=self.backend, device=self.device, graph=graph)
         self.pools = pools if pools is not None else load_pools(config, self.data)
         for name in ("train", "val"):
             if name not in self.pools:
@@ -314,8 +316,11 @@ class Trainer:
         last_row: dict = {}
         if self.iteration >= E * I:
             return last_row
-        batches = iter(self.train_set.loader(start=self.iteration, num_workers=self.data.num_workers))
-        window = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+        pin = self.learner.graph is not None  # graph mode copies each batch into its buffers asynchronously
+        batches = iter(self.train_set.loader(start=self.iteration, num_workers=self.data.num_workers,
+                                             pin_memory=pin))
+        self._window = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+        self._pending: list = []  # per-step device metrics not read yet (NOTE [Step metrics])
         while self.epoch < E:
             epoch = self.epoch
             t0 = time.perf_counter()
@@ -328,26 +333,17 @@ class Trainer:
                            dynamic_ncols=True, leave=True)
             try:
                 for _ in range(done_in_epoch, I):
-                    out = self.learner.meta_step(*next(batches), epoch=epoch)
+                    stats = self.learner.train_step(*next(batches), epoch=epoch)
                     self.iteration += 1
-                    s = self.epoch_sums
-                    s["loss"] += out["loss"]
-                    s["accuracy"] += out["accuracy"]
-                    s["steps"] += 1
-                    window["loss"] += out["loss"]
-                    window["accuracy"] += out["accuracy"]
-                    window["steps"] += 1
+                    self._pending.append(stats[:2].clone() if pin else stats[:2])
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{s['loss'] / s['steps']:.3f}", acc=f"{s['accuracy'] / s['steps']:.3f}",
-                                        refresh=False)
-                    if self.log_every and self.iteration % self.log_every == 0:
-                        self._log_json({"kind": "train", "epoch": epoch, "iteration": self.iteration,
-                                        "loss": window["loss"] / window["steps"],
-                                        "accuracy": window["accuracy"] / window["steps"], "meta_lr": out["meta_lr"]})
-                        window = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
-                    if self._stop_requested() or (stop_at_iteration is not None
-                                                  and self.iteration >= stop_at_iteration):
+                    stop = self._stop_requested() or (stop_at_iteration is not None
+                                                      and self.iteration >= stop_at_iteration)
+                    if (len(self._pending) >= 100 or stop or self.iteration == (epoch + 1) * I
+                            or (self.log_every and self.iteration % self.log_every == 0)):
+                        self._read_metrics(epoch, bar)
+                    if stop:
                         break
             finally:
                 if bar is not None:
@@ -387,6 +383,34 @@ class Trainer:
             if stop_at_iteration is not None and self.iteration >= stop_at_iteration and self.epoch < E:
                 return self._interrupt()
         return last_row
+
+    # NOTE [Step metrics]
+    #     A step's loss and accuracy stay on the device (``MAMLPlusPlus.train_step``); the loop
+    #     keeps them and reads them in one transfer at log points, at the end of an epoch, before
+    #     stopping, and at least every 100 steps. Then they are summed on the host one step at a
+    #     time, in order, so the epoch sums (and the logs) do not depend on when they were read:
+    #     a resumed run logs exactly what an uninterrupted one does.
+    def _read_metrics(self, epoch: int, bar) -> None:
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending).tolist()
+        first = self.iteration - len(rows) + 1
+        self._pending = []
+        s, w = self.epoch_sums, self._window
+        for it, (loss, acc) in enumerate(rows, start=first):
+            s["loss"] += loss
+            s["accuracy"] += acc
+            s["steps"] += 1
+            w["loss"] += loss
+            w["accuracy"] += acc
+            w["steps"] += 1
+            if self.log_every and it % self.log_every == 0:
+                self._log_json({"kind": "train", "epoch": epoch, "iteration": it, "loss": w["loss"] / w["steps"],
+                                "accuracy": w["accuracy"] / w["steps"], "meta_lr": self.learner.meta_lr(epoch)})
+                self._window = w = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+        if bar is not None:
+            bar.set_postfix(loss=f"{s['loss'] / s['steps']:.3f}", acc=f"{s['accuracy'] / s['steps']:.3f}",
+                            refresh=False)
 
     def _interrupt(self) -> dict:
         path = self.save_latest(interrupted=True) if self.is_main else self.latest_path

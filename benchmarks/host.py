@@ -1,0 +1,131 @@
+"""Host side of one MAML++ training meta-step, per backend: what the CPU does around the kernels.
+
+On a GPU a MAML++ step is thousands of tiny ops, so the host — Python, the dispatcher, kernel
+launches — sets its speed until the step is captured as a CUDA graph. These counts are device
+independent and run anywhere:
+
+* ``ops``: ATen/custom ops dispatched per meta-step (forward, inner gradients, outer backward,
+  Adam), counted by a ``TorchDispatchMode`` below autograd; ``compute_ops``: those that are not
+  views (on a GPU each is about one kernel launch); ``custom_ops``: calls of mamlpp_ext ops;
+* ``py_calls``: Python function calls per meta-step (cProfile);
+* ``host_ms``: median milliseconds per meta-step with the same op structure on tensors too small
+  for the arithmetic to matter (4 filters, 16×16 images, one thread) — a CPU proxy of the host
+  time of the eager step. (On CPU even tiny kernels cost something, notably oneDNN's setup per
+  convolution, so this is an upper bound of the Python + dispatch cost.)
+
+Cases: Omniglot 5-way 1-shot and 20-way 1-shot (meta-batch 8, 5 steps, second order, MSL), epoch 0.
+Run through ``benchmarks/inner_loop.py --what host`` or directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import timing  # benchmarks/ is on sys.path when run as a script or through inner_loop.py
+
+COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("ops", "ops/step", "d"),
+           ("compute_ops", "compute ops", "d"), ("custom_ops", "custom ops", "d"), ("py_calls", "Python calls", "d"),
+           ("host_ms", "host-proxy ms", ".1f")]
+
+CASES = [("omniglot 5-way 1-shot", "omniglot-5way-1shot"), ("omniglot 20-way 1-shot", "omniglot-20way-1shot")]
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every op that reaches the dispatch-mode layer (below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.compute = self.custom = 0
+        self.by_name: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        if not func.is_view:
+            self.compute += 1
+        name = str(func.overloadpacket)
+        if name.startswith("mamlpp_ext"):
+            self.custom += 1
+        self.by_name[name] = self.by_name.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _batch(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = cfg.meta_batch
+
+    def labels(per_class):
+        base = torch.arange(cfg.ways).repeat_interleave(per_class)
+        return torch.stack([base[torch.randperm(len(base), generator=g)] for _ in range(T)])
+
+    sy, qy = labels(cfg.shots), labels(cfg.queries)
+    sx = torch.rand(T, sy.shape[1], *cfg.image_shape, generator=g)
+    qx = torch.rand(T, qy.shape[1], *cfg.image_shape, generator=g)
+    return sx, sy, qx, qy
+
+
+def count_step(learner, batch) -> dict:
+    """Ops and Python calls of one meta-step (after a warm-up step)."""
+    learner.meta_step(*batch, epoch=0)
+    counter = OpCounter()
+    with counter:
+        learner.meta_step(*batch, epoch=0)
+    prof = cProfile.Profile()
+    prof.enable()
+    learner.meta_step(*batch, epoch=0)
+    prof.disable()
+    return dict(ops=counter.ops, compute_ops=counter.compute, custom_ops=counter.custom,
+                py_calls=pstats.Stats(prof).total_calls, top_ops=sorted(counter.by_name.items(), key=lambda kv: -kv[1])[:12])
+
+
+def run(args) -> list[dict]:
+    import mamlpp_ext
+    from mamlpp_ext.model import MAMLPlusPlus, from_preset
+
+    repeats = 5 if args.quick else 20
+    rows = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for case, preset in CASES:
+            for backend in ("sequential", "batched", "fused"):
+                row = dict(section="host", case=case, backend=backend, ops=None, compute_ops=None, custom_ops=None,
+                           py_calls=None, host_ms=None)
+                if backend == "fused" and not mamlpp_ext.has_extension():
+                    rows.append(row)
+                    continue
+                cfg = from_preset(preset)
+                row.update(count_step(MAMLPlusPlus(cfg, backend=backend), _batch(cfg)))
+                tiny = cfg.replace(num_filters=4, image_height=16, image_width=16)
+                learner, batch = MAMLPlusPlus(tiny, backend=backend), _batch(tiny)
+                t = timing.median_time(lambda: learner.meta_step(*batch, epoch=0), torch.device("cpu"),
+                                       warmup=2, repeats=repeats)
+                row["host_ms"] = 1e3 * t["median"]
+                rows.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--top", action="store_true", help="also print the most frequent ops per case")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    rows = run(args)
+    timing.print_table(rows, COLUMNS)
+    if args.top:
+        for r in rows:
+            print(f"\n{r['case']} / {r['backend']}: {r.get('top_ops')}")
+    if args.json:
+        timing.write_json(args.json, {"machine": timing.machine("cpu"), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""Graph mode: the whole MAML++ meta-step (and evaluation) captured once as a CUDA graph and replayed.
+
+A MAML++ step is thousands of tiny kernels with static shapes; on a GPU the host launching them
+one by one sets its speed. ``GraphRunner`` captures the step — inner loop with its second-order
+graph, MSL-weighted query losses, outer backward, gradient clamp and Adam — into one CUDA graph
+and replays it, so neither Python nor the dispatcher runs per kernel.
+
+NOTE [Graph mode]
+    * Static buffers: each batch is copied into device buffers owned by the runner (non-blocking
+      from pinned memory when the loader pins). Inputs are validated on the host before the copy.
+    * What varies between replays lives in device tensors updated between replays by small
+      kernels (``fill_``), never by a host read: the Adam learning rate (CA; Adam runs with
+      ``capturable=True`` and a tensor ``lr``) and the MSL loss weights.
+    * What changes the graph's structure — the query set scored after every step (MSL active) or
+      after the last only, first or second order (DA), the batch shapes — is the capture key. A
+      new key runs ``warmup_steps`` ordinary eager steps (real steps, on a side stream: they
+      initialise Adam's state, cuDNN's choices and the allocator), then captures the next step
+      and replays it. A run sees a handful of captures, each logged once.
+    * The running statistics are updated in place inside the graph. Metrics ([loss, accuracy,
+      per-task accuracies]) stay on the device in the graph's output buffer; the caller reads
+      them when it logs (``MAMLPlusPlus.train_step``).
+    * With a cross-process mean (distributed training) the step is two graphs — forward and
+      backward, then clamp and Adam — with the eager all-reduce between them.
+    * Evaluation (first-order adaptation and query scoring) is captured per batch shape and
+      step count; it never writes the learner's state.
+    * No op in the captured functions may read device data on the host (``.item()``,
+      ``.tolist()``, ``int(t)``, ``nonzero``, a device-to-host copy): capture would fail or
+      replay would be wrong. ``check_capturable`` runs those functions on the ``meta`` device
+      under ``HostSyncGuard``, where any such read raises — a check that needs no GPU (tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["GraphRunner", "HostSyncError", "HostSyncGuard", "check_capturable", "graph_support"]
+
+
+def graph_support(device: torch.device, backend) -> Optional[str]:
+    """None when graph mode can run for this device and backend, else why not (one line)."""
+    if device.type != "cuda":
+        return f"graph mode needs a CUDA device (CUDA graphs); this learner is on {device.type}"
+    if not torch.cuda.is_available():
+        return "graph mode needs CUDA, which is not available"
+    if backend.per_task:
+        return (f"backend {backend.name!r} runs the tasks one by one as the plain reference; graph mode captures "
+                "the batched and fused backends")
+    return None
+
+
+class GraphRunner:
+    """Captures and replays a learner's training step and evaluation (NOTE [Graph mode]).
+
+    Args:
+        learner: a ``MAMLPlusPlus`` whose optimizer is capturable with a tensor learning rate
+            (``MAMLPlusPlus(..., graph=True)`` sets that up).
+        warmup_steps: eager steps run for every new capture key before capturing.
+        capture: False runs the captured functions eagerly (``check_capturable`` uses it).
+        log: where the one line per capture goes.
+    """
+
+    def __init__(self, learner, warmup_steps: int = 2, capture: bool = True,
+                 log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
+        self.learner = learner
+        self.warmup_steps = int(warmup_steps)
+        self.capture = capture
+        self.log = log
+        self.captures = 0
+        self._train_key = None
+        self._train_warm = 0
+        self._train: dict = {}
+        self._eval: dict = {}
+        self._weights: Optional[Tensor] = None
+        self._side = torch.cuda.Stream(device=learner.device) if capture else None
+
+    # ----------------------------------------------------------------- helpers
+    def _stream(self):
+        return torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
+
+    def _wait_side(self) -> None:
+        if self._side is not None:
+            self._side.wait_stream(torch.cuda.current_stream(self.learner.device))
+
+    def _join_side(self) -> None:
+        if self._side is not None:
+            torch.cuda.current_stream(self.learner.device).wait_stream(self._side)
+
+    def set_loss_weights(self, weights: list) -> Tensor:
+        """The device tensor of MSL loss weights the graph reads, updated in place (no host read)."""
+        if self._weights is None or self._weights.numel() != len(weights):
+            self._weights = torch.tensor(weights, dtype=self.learner.dtype, device=self.learner.device)
+        else:
+            for i, w in enumerate(weights):
+                self._weights[i].fill_(w)
+        return self._weights
+
+    @staticmethod
+    def _copy_in(static: list[Tensor], batch: tuple) -> None:
+        for dst, src in zip(static, batch):
+            dst.copy_(src, non_blocking=True)
+
+    # ---------------------------------------------------- the captured functions
+    def train_body(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan) -> Tensor:
+        """One whole training step on device tensors (no cross-process mean): what a single graph
+        captures. Returns [loss, accuracy, task accuracies] on the device."""
+        metrics = self.learner._forward_backward(sx, sy, qx, qy, plan)
+        self.learner._clamp_and_step()
+        return metrics
+
+    def eval_body(self, sx, sy, qx, qy, steps: int):
+        """Adaptation and query scoring of an evaluation batch: (task losses or None, logits)."""
+        task_losses, logits, _ = self.learner._adapt_and_score(sx, sy, qx, qy, steps)
+        return (None if task_losses is None else task_losses.detach()), logits.detach()
+
+    # ----------------------------------------------------------------- training
+    def train_step(self, batch: tuple, plan) -> Tensor:
+        """Copy ``batch`` (validated host or device tensors, learner dtype) in, run the step,
+        return the device metrics (valid until the next step)."""
+        lrn = self.learner
+        plan = plan._replace(loss_weights=self.set_loss_weights(plan.loss_weights))
+        key = (plan.score_every_step, plan.second_order, tuple(tuple(t.shape) for t in batch),
+               lrn.cross_process_mean is not None)
+        if key != self._train_key:
+            self._train_key, self._train_warm, self._train = key, 0, {}
+        if not self.capture or self._train_warm < self.warmup_steps:
+            self._train_warm += 1
+            dev_batch = [t.to(lrn.device, non_blocking=True) for t in batch]
+            self._wait_side()
+            with self._stream():
+                metrics = lrn._train_step(*dev_batch, plan)
+            self._join_side()
+            return metrics
+        if not self._train:
+            self._capture_train(batch, plan)
+        g = self._train
+        self._copy_in(g["static"], batch)
+        if "graph_b" not in g:
+            g["graph"].replay()
+            return g["out"]
+        g["graph"].replay()
+        lrn.cross_process_mean([p.grad for p in lrn._grads_for_mean()] + lrn.running_stats + [g["out"][:2]])
+        g["graph_b"].replay()
+        return g["out"]
+
+    def _capture_train(self, batch, plan) -> None:
+        lrn = self.learner
+        static = [torch.empty(t.shape, dtype=t.dtype, device=lrn.device) for t in batch]
+        self._copy_in(static, batch)
+        torch.cuda.synchronize(lrn.device)
+        lrn.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients
+        g: dict = {"static": static}
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread may use CUDA while we capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            if lrn.cross_process_mean is None:
+                g["out"] = self.train_body(*static, plan)
+            else:
+                g["out"] = lrn._forward_backward(*static, plan)
+        g["graph"] = graph
+        if lrn.cross_process_mean is not None:
+            lrn._grads_for_mean()  # allocate any gradient the backward did not produce, outside the graph
+            graph_b = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph_b, pool=graph.pool(), capture_error_mode="thread_local"):
+                lrn._clamp_and_step()
+            g["graph_b"] = graph_b
+        self._train = g
+        self.captures += 1
+        self.log(f"mamlpp_ext graph mode: captured the training step (MSL every step: {plan.score_every_step}, "
+                 f"second order: {plan.second_order}, batch {[tuple(t.shape) for t in batch]}"
+                 f"{', two graphs around the cross-process mean' if 'graph_b' in g else ''}); capture "
+                 f"{self.captures}")
+
+    # --------------------------------------------------------------- evaluation
+    def evaluate(self, sx, sy, qx, qy, steps: int):
+        """(task losses or None, logits) of an evaluation batch; the outputs are copies."""
+        lrn = self.learner
+        batch = tuple(t for t in (sx, sy, qx, qy) if t is not None)
+        key = (steps, qy is not None, tuple(tuple(t.shape) for t in batch))
+        if not self.capture:
+            return self.eval_body(sx, sy, qx, qy, steps)
+        entry = self._eval.get(key)
+        if entry is None:
+            self._wait_side()
+            with self._stream():  # warm-up: evaluation changes no state
+                result = self.eval_body(sx, sy, qx, qy, steps)
+            self._join_side()
+            static = [torch.empty(t.shape, dtype=t.dtype, device=lrn.device) for t in batch]
+            self._copy_in(static, batch)
+            torch.cuda.synchronize(lrn.device)
+            graph = torch.cuda.CUDAGraph()
+            args = static if qy is not None else static + [None]
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                out = self.eval_body(*args, steps)
+            self._eval[key] = {"graph": graph, "static": static, "out": out}
+            self.captures += 1
+            self.log(f"mamlpp_ext graph mode: captured evaluation ({steps} steps, batch "
+                     f"{[tuple(t.shape) for t in batch]}); capture {self.captures}")
+            return result
+        self._copy_in(entry["static"], batch)
+        entry["graph"].replay()
+        losses, logits = entry["out"]
+        return (None if losses is None else losses.clone()), logits.clone()
+
+
+class HostSyncError(RuntimeError):
+    """An op read device data on the host inside a function that graph mode captures."""
+
+
+class HostSyncGuard(TorchDispatchMode):
+    """Raises ``HostSyncError`` on ops that read device data on the host or copy it to the host.
+
+    Use it with meta tensors (``check_capturable``): there every other data-dependent read
+    (``.tolist()``, ``bool(t)``, printing) raises too, since meta tensors hold no data.
+    """
+
+    SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.equal",
+                "aten.masked_select", "aten._unique2", "aten.unique_consecutive", "aten.unique_dim")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.SYNC_OPS:
+            raise HostSyncError(f"{func} reads device data on the host: a CUDA graph cannot capture it")
+        if name in ("aten._to_copy", "aten.copy_"):
+            kwargs = kwargs or {}
+            src = args[1] if name == "aten.copy_" else args[0]
+            dst_device = args[0].device if name == "aten.copy_" else kwargs.get("device")
+            if dst_device is not None and torch.device(dst_device).type == "cpu" and src.device.type != "cpu":
+                raise HostSyncError(f"{func} copies {src.device.type} data to the host")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _adam_capturable_on_meta():
+    """Let torch's capturable Adam run on meta tensors (it checks the device type only)."""
+    import torch.optim.adam as adam
+
+    real = adam._get_capturable_supported_devices
+    adam._get_capturable_supported_devices = lambda supports_xla=True: [*real(supports_xla), "meta"]
+    try:
+        yield
+    finally:
+        adam._get_capturable_supported_devices = real
+
+
+def check_capturable(config, backend: str, epochs=(0,), eval_steps: Optional[int] = None, network=None) -> int:
+    """Run the functions graph mode captures — the training step at each of ``epochs`` (pick
+    epochs on both sides of the MSL end and the DA switch) and evaluation — on the ``meta`` device
+    under ``HostSyncGuard``, with a learner set up as graph mode sets it up. Raises
+    ``HostSyncError`` (or the meta device's own error) on any host read of device data. Returns
+    the number of ops run. Needs no GPU."""
+    from .meta_learner import MAMLPlusPlus
+    from .schedules import epoch_plan
+
+    learner = MAMLPlusPlus(config, backend=backend, device="meta", network=network, graph="check")
+    runner = GraphRunner(learner, capture=False)
+    T = config.meta_batch
+    shape = config.image_shape
+    sx = torch.empty(T, config.ways * config.shots, *shape, device="meta")
+    qx = torch.empty(T, config.ways * config.queries, *shape, device="meta")
+    sy = torch.zeros(T, config.ways * config.shots, dtype=torch.int64, device="meta")
+    qy = torch.zeros(T, config.ways * config.queries, dtype=torch.int64, device="meta")
+
+    class Counting(HostSyncGuard):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counting.ops += 1
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    with _adam_capturable_on_meta(), Counting():
+        for epoch in epochs:
+            plan = epoch_plan(config, epoch)
+            learner._set_meta_lr(plan.meta_lr)
+            plan = plan._replace(loss_weights=runner.set_loss_weights(plan.loss_weights))
+            runner.train_body(sx, sy, qx, qy, plan)
+        runner.eval_body(sx, sy, qx, qy, eval_steps or config.eval_inner_steps)
+        runner.eval_body(sx, sy, qx, None, eval_steps or config.eval_inner_steps)
+    return Counting.ops

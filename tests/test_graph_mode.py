@@ -1,0 +1,179 @@
+"""Graph mode (model/graph.py, NOTE [Graph mode]).
+
+Without a GPU: the functions graph mode captures run on the meta device under HostSyncGuard for
+each backend and across the MSL end and the DA switch (any host read of device data raises);
+the guard catches each kind of host read; graph mode says it is unavailable on CPU and "auto"
+falls back to identical eager results; checkpoints move between modes.
+With a GPU (skipped here): graph vs eager equal over steps that cross an MSL end and a DA
+switch, evaluation equal, no host sync during replay, recaptures counted.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mamlpp_ext
+from mamlpp_ext.model import MAMLConfig, MAMLPlusPlus
+from mamlpp_ext.model.graph import HostSyncError, check_capturable
+
+HAS_EXT = mamlpp_ext.has_extension()
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="compiled mamlpp_ext extension not built")
+GRAPH_BACKENDS = ["batched", pytest.param("fused", marks=needs_ext)]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_meta_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def tiny(**kw) -> MAMLConfig:
+    base = dict(ways=3, shots=1, queries=2, meta_batch=2, image_height=16, image_width=16, num_filters=4,
+                inner_steps=2, eval_inner_steps=3, msl_epochs=2, first_order_to_second_order_epoch=2, grad_clamp=5.0,
+                total_epochs=6)
+    base.update(kw)
+    return MAMLConfig(**base)
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_captured_functions_do_not_read_device_data(backend):
+    # epochs 0/1: MSL on, first order; 2: MSL off, first order; 3: MSL off, second order
+    ops = check_capturable(tiny(), backend, epochs=(0, 2, 3))
+    assert ops > 1000  # the whole step really ran under the guard
+
+
+def test_captured_functions_with_a_user_network_and_adapted_bn_affine():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                        nn.Flatten(), nn.Linear(16, 3))
+    cfg = tiny(adapt_bn_affine=True, per_step_bn_weights=False, bn_eval_stats="running", network="custom")
+    assert check_capturable(cfg, "batched", epochs=(0, 3), network=net) > 500
+
+
+@pytest.mark.parametrize("read", ["item", "tolist", "bool", "nonzero", "cpu"])
+def test_the_guard_catches_host_reads(monkeypatch, read):
+    real = MAMLPlusPlus._task_losses
+    reads = {"item": lambda t: t.sum().item(), "tolist": lambda t: t.tolist(), "bool": lambda t: bool(t.sum() > 0),
+             "nonzero": lambda t: torch.nonzero(t), "cpu": lambda t: t.cpu()}
+
+    def sneaky(self, logits, y):
+        out = real(self, logits, y)
+        reads[read](out)
+        return out
+
+    monkeypatch.setattr(MAMLPlusPlus, "_task_losses", sneaky)
+    with pytest.raises((HostSyncError, RuntimeError, NotImplementedError)):
+        check_capturable(tiny(), "batched")
+
+
+def test_graph_mode_is_unavailable_on_cpu_and_auto_falls_back(capsys):
+    cfg = tiny()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        MAMLPlusPlus(cfg, graph=True)
+    with pytest.raises(ValueError, match="graph must be"):
+        MAMLPlusPlus(cfg, graph="yes")
+    auto = MAMLPlusPlus(cfg, backend="batched", graph="auto", dtype=torch.float64)
+    assert auto.graph is None and "graph mode off: graph mode needs a CUDA device" in capsys.readouterr().err
+    eager = MAMLPlusPlus(cfg, backend="batched", dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    sx, qx = torch.randn(2, 3, 1, 16, 16, generator=g), torch.randn(2, 6, 1, 16, 16, generator=g)
+    sy, qy = torch.arange(3).repeat(2, 1), torch.arange(3).repeat_interleave(2).repeat(2, 1)
+    for epoch in (0, 3):
+        assert auto.meta_step(sx, sy, qx, qy, epoch) == eager.meta_step(sx, sy, qx, qy, epoch)
+    assert all(torch.equal(a, b) for a, b in zip(auto.parameters(), eager.parameters()))
+
+
+def test_train_step_returns_device_metrics_matching_meta_step():
+    cfg = tiny()
+    a, b = MAMLPlusPlus(cfg, dtype=torch.float64), MAMLPlusPlus(cfg, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(2, 3, 1, 16, 16, generator=g), torch.arange(3).repeat(2, 1),
+             torch.randn(2, 6, 1, 16, 16, generator=g), torch.arange(3).repeat_interleave(2).repeat(2, 1))
+    out = a.train_step(*batch, epoch=1)
+    ref = b.meta_step(*batch, epoch=1)
+    assert isinstance(out, torch.Tensor) and out.shape == (4,)
+    assert out.tolist() == [ref["loss"], ref["accuracy"], *ref["task_accuracies"]]
+
+
+def test_checkpoints_move_between_eager_and_capturable_optimizer_state():
+    """A graph-mode learner's optimizer is capturable (tensor lr, device step counts); its
+    state_dict is stored as an eager learner's, and either mode loads either."""
+    cfg = tiny()
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(2, 3, 1, 16, 16, generator=g), torch.arange(3).repeat(2, 1),
+             torch.randn(2, 6, 1, 16, 16, generator=g), torch.arange(3).repeat_interleave(2).repeat(2, 1))
+    eager = MAMLPlusPlus(cfg, dtype=torch.float64)
+    eager.meta_step(*batch, epoch=3)
+    captured = MAMLPlusPlus(cfg, dtype=torch.float64, graph="check")  # capturable state, no runner
+    captured.load_state_dict(eager.state_dict())
+    group = captured.optimizer.param_groups[0]
+    assert group["capturable"] and isinstance(group["lr"], torch.Tensor)
+    assert float(group["lr"]) == pytest.approx(captured.meta_lr(3), rel=1e-6)  # float32 on the device
+    stored = captured.state_dict()["optimizer"]
+    assert not stored["param_groups"][0]["capturable"] and isinstance(stored["param_groups"][0]["lr"], float)
+    back = MAMLPlusPlus(cfg, dtype=torch.float64)
+    back.load_state_dict(captured.state_dict())
+    eager.meta_step(*batch, epoch=4)
+    back.meta_step(*batch, epoch=4)
+    assert all(torch.equal(x, y) for x, y in zip(eager.parameters(), back.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: replay equals eager, no host sync while replaying
+# ---------------------------------------------------------------------------------------------
+
+def _cuda_batches(cfg, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        T = cfg.meta_batch
+        sy = torch.stack([torch.randperm(cfg.ways, generator=g).repeat_interleave(cfg.shots) for _ in range(T)])
+        qy = torch.stack([torch.randperm(cfg.ways, generator=g).repeat_interleave(cfg.queries) for _ in range(T)])
+        out.append(tuple(t.pin_memory() for t in (torch.randn(T, sy.shape[1], *cfg.image_shape, generator=g), sy,
+                                                   torch.randn(T, qy.shape[1], *cfg.image_shape, generator=g), qy)))
+    return out
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_cuda_graph_replay_equals_eager(backend):
+    cfg = tiny(meta_batch=4, iterations_per_epoch=3)
+    eager = MAMLPlusPlus(cfg, backend=backend, device="cuda")
+    graph = MAMLPlusPlus(cfg, backend=backend, device="cuda", graph=True)
+    # epochs 0, 1 (MSL, first order), 2 (final step only), 3 (second order): 3 recaptures
+    plan = [e for e in range(4) for _ in range(4)]
+    for i, (batch, epoch) in enumerate(zip(_cuda_batches(cfg, len(plan)), plan)):
+        a = eager.train_step(*batch, epoch=epoch).clone()
+        b = graph.train_step(*batch, epoch=epoch).clone()
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {i}: {m}")
+    for x, y in zip(graph.parameters() + graph.running_stats, eager.parameters() + eager.running_stats):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+    assert graph.graph.captures == 4  # one per (MSL, order) structure
+    sx, sy, qx, qy = _cuda_batches(cfg, 1, seed=9)[0]
+    for _ in range(2):  # first call captures, second replays
+        ge, ee = graph.evaluate(sx, sy, qx, qy), eager.evaluate(sx, sy, qx, qy)
+        torch.testing.assert_close(ge["logits"], ee["logits"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ge["task_losses"], ee["task_losses"], rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+def test_cuda_graph_replay_does_not_sync(backend):
+    cfg = tiny(meta_batch=4)
+    learner = MAMLPlusPlus(cfg, backend=backend, device="cuda", graph=True)
+    batches = _cuda_batches(cfg, 5)
+    for b in batches[:3]:  # warm-up steps and the capture
+        learner.train_step(*b, epoch=3)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in batches[3:]:
+            learner.train_step(*b, epoch=3)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
