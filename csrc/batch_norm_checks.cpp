@@ -4,6 +4,8 @@
 #include <ATen/OpMathType.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace mamlpp {
 
 namespace {
@@ -115,6 +117,15 @@ void check_bn_stats(const char* op, bool training, const at::Tensor& mean, const
     check_bn_running_stats(op, "mean", mean, geo, input, step);
     check_bn_running_stats(op, "var", var, geo, input, step);
   }
+}
+
+void check_bn_negative_slope(const char* op, const std::optional<double>& negative_slope) {
+  if (!negative_slope.has_value()) return;
+  const double a = *negative_slope;
+  TORCH_CHECK(std::isfinite(a) && a >= 0.0, op,
+              ": expected negative_slope to be None (no activation) or a finite float >= 0 "
+              "(the LeakyReLU slope; 0 is ReLU), but got negative_slope=",
+              a);
 }
 
 std::vector<int64_t> bn_affine_shape(const BnGeometry& geo,

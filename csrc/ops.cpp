@@ -50,19 +50,23 @@ TORCH_LIBRARY(mamlpp_ext, m) {
   // tasks: the caller passes row `step` of the (S, C) BNWB tables) or both (T, C) (per task).
   // Statistics are float32 (float64 for float64 input); reductions are deterministic.
   //
+  // negative_slope (forwards): None, no activation; a finite a >= 0, out is the fused
+  //   LeakyReLU_a(bn(x)) = (z > 0 ? z : a * z) (a = 0: ReLU). a < 0 is rejected: the backward
+  //   ops read the slope from the sign of the saved output, which is right only for a >= 0.
+  //
   // batch_norm: training mode. Returns (out, mean, var): out like input; mean and var (T*C,) the
-  //   per-(task, channel) batch mean and biased variance over (N, H, W). leaky_relu: out is
-  //   LeakyReLU_0.01(bn(x)). Differentiable w.r.t. input, weight, bias to any order (mean and var
-  //   are not differentiable outputs). Needs more than one element per group unless N == 0.
+  //   per-(task, channel) batch mean and biased variance over (N, H, W). Differentiable w.r.t.
+  //   input, weight, bias to any order (mean and var are not differentiable outputs). Needs more
+  //   than one element per group unless N == 0.
   m.def(
       "batch_norm(Tensor input, Tensor? weight, Tensor? bias, int tasks, float eps, "
-      "bool leaky_relu) -> (Tensor, Tensor, Tensor)");
+      "float? negative_slope) -> (Tensor, Tensor, Tensor)");
   // batch_norm_eval: evaluation mode; normalises every task with row `step` of the (S, C)
   //   running statistics (dtype of input or float32), which are read, never written.
   //   Differentiable w.r.t. input, weight, bias to any order.
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
-      "Tensor running_var, int tasks, int step, float eps, bool leaky_relu) -> Tensor");
+      "Tensor running_var, int tasks, int step, float eps, float? negative_slope) -> Tensor");
   // batch_norm_update_stats_: in place, row `step` of the (S, C) running statistics becomes
   //   (1 - momentum) * old + momentum * (mean over tasks of the batch mean, resp. of the
   //   unbiased batch variance var * count / (count - 1)); mean, var: (T*C,) from batch_norm;
@@ -74,26 +78,27 @@ TORCH_LIBRARY(mamlpp_ext, m) {
   // _batch_norm_backward: (grad_input, grad_weight, grad_bias) of batch_norm (training=True;
   //   mean, var: its (T*C,) batch statistics; step unused) or batch_norm_eval (training=False;
   //   mean, var: the (S, C) running statistics, row `step`). out: the forward's output when the
-  //   LeakyReLU is fused (its sign selects the slope), else None. grad_weight and grad_bias have
+  //   activation is fused (its sign selects the slope: 1 where out > 0, else negative_slope),
+  //   else None; negative_slope is read only when out is given. grad_weight and grad_bias have
   //   weight's shape ((C,) when weight is None: then they are the sums for a unit affine).
   //   Differentiable w.r.t. grad_out, input and weight (to any order, see
   //   _batch_norm_double_backward); mean, var and out are treated as constants whose dependence
   //   on input is in the closed-form formulas (ATen's design).
   m.def(
       "_batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? out, "
-      "Tensor mean, Tensor var, int tasks, int step, bool training, float eps) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor mean, Tensor var, int tasks, int step, bool training, float eps, "
+      "float negative_slope) -> (Tensor, Tensor, Tensor)");
   // _batch_norm_double_backward: the vector-Jacobian product of _batch_norm_backward with the
   //   upstream gradients of its outputs (grad_grad_input like input, grad_grad_weight and
   //   grad_grad_bias like weight or (C,); None means zero). Returns (grad_grad_out,
   //   grad_input, grad_weight): like input, like input, and weight's shape ((C,) without weight).
   //   Differentiable (third order) by differentiating its pure-PyTorch twin
-  //   (mamlpp_ext/reference.py), not fused.
+  //   (mamlpp_ext/ops/reference.py), not fused.
   m.def(
       "_batch_norm_double_backward(Tensor? grad_grad_input, Tensor? grad_grad_weight, "
       "Tensor? grad_grad_bias, Tensor grad_out, Tensor input, Tensor? weight, Tensor? out, "
-      "Tensor mean, Tensor var, int tasks, int step, bool training, float eps) "
-      "-> (Tensor, Tensor, Tensor)");
+      "Tensor mean, Tensor var, int tasks, int step, bool training, float eps, "
+      "float negative_slope) -> (Tensor, Tensor, Tensor)");
   // _cuda_version: CUDA runtime version of the compiled CUDA kernels, -1 when built without.
   m.def("_cuda_version() -> int", &mamlpp::cuda_version);
 }

@@ -38,10 +38,11 @@ CASES = {
     "lslr_update step (autograd path)": "ops.lslr_update(p, gr, r, 7)",
     "lslr_update integer lrs": "ops.lslr_update(p, gr, r.long(), 0)",
     "_lslr_scale integer xs": "OPS._lslr_scale([p[0].int()], r[:1], 0, 1.0)",
-    "batch_norm 3-D input": "OPS.batch_norm(x[0], w, b, 2, 1e-5, False)",
-    "batch_norm tasks=0": "OPS.batch_norm(x, None, None, 0, 1e-5, False)",
+    "batch_norm 3-D input": "OPS.batch_norm(x[0], w, b, 2, 1e-5, None)",
+    "batch_norm tasks=0": "OPS.batch_norm(x, None, None, 0, 1e-5, None)",
+    "batch_norm negative_slope=-1": "OPS.batch_norm(x, w, b, 1, 1e-5, -1.0)",
     "batch_norm weight shape (below autograd)":
-        "with torch._C._AutoDispatchBelowAutograd():\n    OPS.batch_norm.default(x, w[:3], b[:3], 2, 1e-5, False)",
+        "with torch._C._AutoDispatchBelowAutograd():\n    OPS.batch_norm.default(x, w[:3], b[:3], 2, 1e-5, None)",
     "TORCH_CHECK from C++ with no tensors": "OPS._cuda_version() if False else OPS.lslr_update([], [], r, 9)",
 }
 

@@ -35,6 +35,17 @@ REAL_SHAPES = [
     (5, 2, 48, 84), (1, 1, 48, 42), (75, 2, 48, 10), (20, 8, 48, 21),
 ]
 AFFINES = ["shared", "per_task", "none"]
+# negative_slope of the fused activation: None (none), 0.01 (the LeakyReLU of SPEC section 2),
+# 0.0 (ReLU), 0.2 and 1.5 (other LeakyReLU slopes, one above 1).
+ACTS = [None, 0.01]
+ACT_IDS = ["bn", "bn+leaky"]
+SLOPES = [None, 0.01, 0.0, 0.2, 1.5]
+SLOPE_IDS = ["bn", "bn+leaky", "bn+relu", "bn+leaky0.2", "bn+leaky1.5"]
+
+
+def bw_slope(slope):
+    """The backward ops' float negative_slope argument (read only when out is given)."""
+    return 0.0 if slope is None else slope
 
 # float32 results against the float64 reference: a few units of float32 rounding in the
 # normalised values (and sums over up to ~50k elements in the derivatives).
@@ -94,16 +105,16 @@ def to64(ts):
 # ---- values and derivatives against ATen's batch norm -----------------------------------------
 
 @pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: "N{}-T{}-C{}-{}x{}".format(*s, s[-1]))
-@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
-def test_real_shapes_match_aten(shape, leaky):
+@pytest.mark.parametrize("slope", ACTS, ids=ACT_IDS)
+def test_real_shapes_match_aten(shape, slope):
     """float32 op vs F.batch_norm evaluated in float64: output, running stats, 1st and 2nd derivatives."""
     N, T, C, H = shape
     x, w, b, rm, rv = make_case(N, T, C, H, dtype=torch.float32, seed=hash(shape) % 1000)
     rm64, rv64 = rm.double(), rv.double()
     gy = torch.randn_like(x)
     vs = [torch.randn_like(x), torch.randn_like(w), torch.randn_like(b)]
-    y, first, second = grads_through(fused(T, rm, rv, step=1, leaky_relu=leaky), x, w, b, gy, vs)
-    y64, first64, second64 = grads_through(plain(T, rm64, rv64, step=1, leaky_relu=leaky),
+    y, first, second = grads_through(fused(T, rm, rv, step=1, negative_slope=slope), x, w, b, gy, vs)
+    y64, first64, second64 = grads_through(plain(T, rm64, rv64, step=1, negative_slope=slope),
                                            *to64([x, w, b, gy]), to64(vs))
     tol = TOL[torch.float32]
     torch.testing.assert_close(y, y64.float(), **tol)
@@ -116,15 +127,16 @@ def test_real_shapes_match_aten(shape, leaky):
 
 
 @pytest.mark.parametrize("affine", AFFINES)
-@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+@pytest.mark.parametrize("slope", SLOPES, ids=SLOPE_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_float64_matches_reference_exactly(affine, leaky, training):
-    """float64, every affine/activation/mode variant: to 1e-10 against the plain-PyTorch path."""
+def test_float64_matches_reference_exactly(affine, slope, training):
+    """float64, every affine/activation slope/mode variant: to 1e-10 against the plain-PyTorch path
+    (F.batch_norm, then F.leaky_relu or F.relu), values and first and second derivatives."""
     x, w, b, rm, rv = make_case(5, 8, 64, 7, affine=affine, seed=3)
     rm2, rv2 = rm.clone(), rv.clone()
     gy = torch.randn_like(x)
     vs = [torch.randn_like(t) for t in (x, w, b) if t is not None]
-    kw = dict(step=2, training=training, leaky_relu=leaky)
+    kw = dict(step=2, training=training, negative_slope=slope)
     y, first, second = grads_through(fused(8, rm, rv, **kw), x, w, b, gy, vs)
     y2, first2, second2 = grads_through(plain(8, rm2, rv2, **kw), x, w, b, gy, vs)
     tol = TOL[torch.float64]
@@ -151,25 +163,25 @@ def test_matches_batch_norm_per_task_slice(affine):
 # ---- gradcheck / gradgradcheck --------------------------------------------------------------
 
 @pytest.mark.parametrize("affine", AFFINES)
-@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+@pytest.mark.parametrize("slope", SLOPES, ids=SLOPE_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck_gradgradcheck(affine, leaky, training):
+def test_gradcheck_gradgradcheck(affine, slope, training):
     T = 2
     x, w, b, rm, rv = make_case(3, T, 3, 3, 5, affine=affine, seed=7)
     inputs = _req(x, w, b) if w is not None else _req(x)
 
     def f(*args):
         xx, ww, bb = (args + (None, None))[:3]
-        return ops.task_batch_norm(xx, T, ww, bb, rm, rv, step=1, training=training, leaky_relu=leaky,
+        return ops.task_batch_norm(xx, T, ww, bb, rm, rv, step=1, training=training, negative_slope=slope,
                                    update_stats=False)
 
     assert torch.autograd.gradcheck(f, inputs)
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
-@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+@pytest.mark.parametrize("slope", SLOPES[:4], ids=SLOPE_IDS[:4])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_third_order_through_twin(leaky, training):
+def test_third_order_through_twin(slope, training):
     """Third order (not fused: the double-backward op differentiates its pure-PyTorch twin).
 
     The backward ops take the saved statistics as constants whose dependence on x is inside
@@ -183,18 +195,19 @@ def test_third_order_through_twin(leaky, training):
 
     def forward(x_, w_):
         if training:
-            out, mean, var = OPS.batch_norm(x_, w_, b, T, 1e-5, leaky)
+            out, mean, var = OPS.batch_norm(x_, w_, b, T, 1e-5, slope)
             return out, mean, var, 0
-        return OPS.batch_norm_eval(x_, w_, b, rm, rv, T, 1, 1e-5, leaky), rm, rv, 1
+        return OPS.batch_norm_eval(x_, w_, b, rm, rv, T, 1, 1e-5, slope), rm, rv, 1
 
     def bw(gy_, x_, w_):
         out, mean, var, step = forward(x_, w_)
-        return OPS._batch_norm_backward(gy_, x_, w_, out if leaky else None, mean, var, T, step, training, 1e-5)
+        return OPS._batch_norm_backward(gy_, x_, w_, out if slope is not None else None, mean, var, T, step,
+                                        training, 1e-5, bw_slope(slope))
 
     def dbw(ggx_, ggw_, ggb_, gy_, x_, w_):
         out, mean, var, step = forward(x_, w_)
-        return OPS._batch_norm_double_backward(ggx_, ggw_, ggb_, gy_, x_, w_, out if leaky else None, mean, var,
-                                               T, step, training, 1e-5)
+        return OPS._batch_norm_double_backward(ggx_, ggw_, ggb_, gy_, x_, w_, out if slope is not None else None,
+                                               mean, var, T, step, training, 1e-5, bw_slope(slope))
 
     assert torch.autograd.gradcheck(dbw, _req(ggx, ggw, ggb, gy, x, w))
     assert torch.autograd.gradgradcheck(bw, _req(gy, x, w))
@@ -203,16 +216,18 @@ def test_third_order_through_twin(leaky, training):
 def test_double_backward_op_matches_twin():
     T = 4
     for affine in ["shared", "per_task", "none"]:
-        for leaky in [False, True]:
+        for slope in SLOPES:
             x, w, b, _, _ = make_case(3, T, 5, 4, affine=affine, seed=13)
-            out, mean, var = OPS.batch_norm(x, w, b, T, 1e-5, leaky)
-            y = out if leaky else None
+            out, mean, var = OPS.batch_norm(x, w, b, T, 1e-5, slope)
+            y = out if slope is not None else None
             gy, ggx = torch.randn_like(x), torch.randn_like(x)
             shape = w.shape if w is not None else (5,)
             ggw, ggb = torch.randn(shape, dtype=x.dtype), torch.randn(shape, dtype=x.dtype)
             for args in [(ggx, ggw, ggb), (None, ggw, None), (ggx, None, None), (None, None, ggb)]:
-                got = OPS._batch_norm_double_backward(*args, gy, x, w, y, mean, var, T, 0, True, 1e-5)
-                exp = ref.batch_norm_double_backward(*args, gy, x, w, y, mean, var, T, 0, True, 1e-5)
+                got = OPS._batch_norm_double_backward(*args, gy, x, w, y, mean, var, T, 0, True, 1e-5,
+                                                      bw_slope(slope))
+                exp = ref.batch_norm_double_backward(*args, gy, x, w, y, mean, var, T, 0, True, 1e-5,
+                                                     bw_slope(slope))
                 for a, e in zip(got, exp):
                     torch.testing.assert_close(a, e.detach(), **TOL[torch.float64])
 
@@ -225,27 +240,37 @@ def _opcheck_samples(device="cpu"):
     x, w, b, rm, rv = make_case(3, T, 4, 5, affine="shared", dtype=torch.float32, device=device, seed=17)
     xp, wp, bp, _, _ = make_case(2, T, 4, 3, 7, affine="per_task", dtype=torch.float32, device=device, seed=18)
     x, w, b, xp, wp, bp = _req(x, w, b, xp, wp, bp)
-    out, mean, var = OPS.batch_norm(x, w, b, T, 1e-5, True)
+    out, mean, var = OPS.batch_norm(x, w, b, T, 1e-5, 0.01)
     gy, ggx, ggw, ggb = _req(torch.randn_like(x), torch.randn_like(x), torch.randn_like(w), torch.randn_like(b))
     y = out.detach()
     samples = [
-        ("batch_norm", (x, w, b, T, 1e-5, False)),
-        ("batch_norm", (xp, wp, bp, T, 1e-5, True)),
-        ("batch_norm", (x, None, None, T, 1e-3, True)),
-        ("batch_norm_eval", (x, w, b, rm, rv, T, 2, 1e-5, True)),
-        ("batch_norm_eval", (xp, None, None, rm, rv, T, 0, 1e-5, False)),
-        ("_batch_norm_backward", (gy, x, w, y, mean, var, T, 0, True, 1e-5)),
-        ("_batch_norm_backward", (gy, x, w, None, rm, rv, T, 3, False, 1e-5)),
-        ("_batch_norm_double_backward", (ggx, ggw, ggb, gy, x, w, y, mean, var, T, 0, True, 1e-5)),
-        ("_batch_norm_double_backward", (None, ggw, None, gy, x, w, None, rm, rv, T, 1, False, 1e-5)),
+        ("batch_norm", (x, w, b, T, 1e-5, None)),
+        ("batch_norm", (xp, wp, bp, T, 1e-5, 0.01)),
+        ("batch_norm", (x, None, None, T, 1e-3, 0.01)),
+        ("batch_norm_eval", (x, w, b, rm, rv, T, 2, 1e-5, 0.01)),
+        ("batch_norm_eval", (xp, None, None, rm, rv, T, 0, 1e-5, None)),
+        ("_batch_norm_backward", (gy, x, w, y, mean, var, T, 0, True, 1e-5, 0.01)),
+        ("_batch_norm_backward", (gy, x, w, None, rm, rv, T, 3, False, 1e-5, 0.0)),
+        ("_batch_norm_double_backward", (ggx, ggw, ggb, gy, x, w, y, mean, var, T, 0, True, 1e-5, 0.01)),
+        ("_batch_norm_double_backward", (None, ggw, None, gy, x, w, None, rm, rv, T, 1, False, 1e-5, 0.0)),
     ]
-    _, mean, var = OPS.batch_norm(x, w, b, T, 1e-5, False)
+    _, mean, var = OPS.batch_norm(x, w, b, T, 1e-5, None)
     samples.append(("batch_norm_update_stats_", (rm.clone(), rv.clone(), mean, var, T, 1, 75, 0.1)))
+    # Other activation slopes: ReLU (0.0) and LeakyReLU 0.2, forward and both backward ops.
+    for a in (0.0, 0.2):
+        out_a, mean_a, var_a = OPS.batch_norm(x, w, b, T, 1e-5, a)
+        y_a = out_a.detach()
+        samples += [
+            ("batch_norm", (xp, wp, bp, T, 1e-5, a)),
+            ("batch_norm_eval", (x, w, b, rm, rv, T, 1, 1e-5, a)),
+            ("_batch_norm_backward", (gy, x, w, y_a, mean_a, var_a, T, 0, True, 1e-5, a)),
+            ("_batch_norm_double_backward", (ggx, ggw, ggb, gy, x, w, y_a, mean_a, var_a, T, 0, True, 1e-5, a)),
+        ]
     return samples
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(len(_opcheck_samples())))
 def test_opcheck(device, case):
     name, args = _opcheck_samples(device)[case]
     torch.library.opcheck(getattr(OPS, name), args)
@@ -316,7 +341,7 @@ def test_layouts(layout):
     rm2, rv2 = rm.clone(), rv.clone()
     gy = torch.randn_like(transform(x))
     vs = [torch.randn_like(t) for t in (x, w, b)]
-    kw = dict(step=1, leaky_relu=True)
+    kw = dict(step=1, negative_slope=0.01)
     got = grads_through(lambda x_, w_, b_: ops.task_batch_norm(transform(x_), T, w_, b_, rm, rv, **kw), x, w, b, gy, vs)
     exp = grads_through(lambda x_, w_, b_: ref.task_batch_norm(transform(x_), T, w_, b_, rm2, rv2, **kw), x, w, b, gy,
                         vs)
@@ -330,7 +355,7 @@ def test_empty_batch():
     x, w, b, rm, rv = make_case(0, 2, 3, 4, seed=31)
     rm0, rv0 = rm.clone(), rv.clone()
     x_, w_, b_ = _req(x, w, b)
-    y = ops.task_batch_norm(x_, 2, w_, b_, rm, rv, step=1, leaky_relu=True)
+    y = ops.task_batch_norm(x_, 2, w_, b_, rm, rv, step=1, negative_slope=0.01)
     assert y.shape == x.shape
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)  # nothing to average: unchanged
     dx, dw, db = torch.autograd.grad(y.sum(), (x_, w_, b_))
@@ -338,19 +363,19 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
-def test_reduced_precision(dtype, leaky):
+@pytest.mark.parametrize("slope", ACTS, ids=ACT_IDS)
+def test_reduced_precision(dtype, slope):
     """Statistics in float32: forward and backward within the dtype's rounding of the float64 reference."""
     x, w, b, rm, rv = make_case(5, 8, 16, 7, dtype=dtype, seed=37)
-    out, mean, var = OPS.batch_norm(x, w, b, 8, 1e-5, leaky)
+    out, mean, var = OPS.batch_norm(x, w, b, 8, 1e-5, slope)
     assert mean.dtype == torch.float32 and var.dtype == torch.float32
     gy = torch.randn_like(x)
     xd, wd, bd = _req(*to64([x, w, b]))
-    yd = ref.task_batch_norm(xd, 8, wd, bd, leaky_relu=leaky)
+    yd = ref.task_batch_norm(xd, 8, wd, bd, negative_slope=slope)
     torch.testing.assert_close(out, yd.to(dtype), **TOL[dtype])
     torch.testing.assert_close(mean, xd.detach().view(5, 128, 49).mean(dim=(0, 2)).float(), **TOL[torch.float32])
     x_, w_, b_ = _req(x, w, b)
-    grads = torch.autograd.grad(ops.task_batch_norm(x_, 8, w_, b_, leaky_relu=leaky), (x_, w_, b_), gy)
+    grads = torch.autograd.grad(ops.task_batch_norm(x_, 8, w_, b_, negative_slope=slope), (x_, w_, b_), gy)
     grads_d = torch.autograd.grad(yd, (xd, wd, bd), gy.double())
     for a, e in zip(grads, grads_d):
         assert a.dtype == dtype
@@ -363,9 +388,9 @@ def test_deterministic_and_thread_count_independent():
     gy, ggx = torch.randn_like(x), torch.randn_like(x)
 
     def everything():
-        out, mean, var = OPS.batch_norm(x, w, b, 8, 1e-5, True)
-        bw = OPS._batch_norm_backward(gy, x, w, out, mean, var, 8, 0, True, 1e-5)
-        dbw = OPS._batch_norm_double_backward(ggx, w, b, gy, x, w, out, mean, var, 8, 0, True, 1e-5)
+        out, mean, var = OPS.batch_norm(x, w, b, 8, 1e-5, 0.01)
+        bw = OPS._batch_norm_backward(gy, x, w, out, mean, var, 8, 0, True, 1e-5, 0.01)
+        dbw = OPS._batch_norm_double_backward(ggx, w, b, gy, x, w, out, mean, var, 8, 0, True, 1e-5, 0.01)
         return (out, mean, var) + tuple(bw) + tuple(dbw)
 
     threads = torch.get_num_threads()
@@ -380,7 +405,8 @@ def test_deterministic_and_thread_count_independent():
         assert torch.equal(u, v) and torch.equal(u, w2)
 
 
-def test_maml_second_order_inner_step():
+@pytest.mark.parametrize("slope", [0.01, 0.0, 0.2], ids=["leaky", "relu", "leaky0.2"])
+def test_maml_second_order_inner_step(slope):
     """One second-order inner step of a grouped conv + batch norm + LeakyReLU layer: the meta-gradient
     w.r.t. conv weight, gamma and beta tables matches the plain-PyTorch path."""
     T, C, N, S, step = 4, 6, 5, 3, 1
@@ -397,7 +423,7 @@ def test_maml_second_order_inner_step():
 
         def net(x, wt, s):
             h = F.conv2d(x, wt.reshape(T * C, 2, 3, 3), padding=1, groups=T)
-            return bn(h, T, gm[s], bt[s], step=s, leaky_relu=True).square().mean()
+            return bn(h, T, gm[s], bt[s], step=s, negative_slope=slope).square().mean()
 
         inner = net(xs, wt, step)
         (gw,) = torch.autograd.grad(inner, wt, create_graph=True)
@@ -412,27 +438,27 @@ def test_maml_second_order_inner_step():
 
 def _bad_calls():
     x, w, b, rm, rv = make_case(3, 2, 4, 5, dtype=torch.float32, seed=47)
-    out, mean, var = OPS.batch_norm(x, w, b, 2, 1e-5, False)
+    out, mean, var = OPS.batch_norm(x, w, b, 2, 1e-5, None)
     gy = torch.randn_like(x)
     return [
-        ("input to be 2-D", lambda: OPS.batch_norm(x[0], w, b, 2, 1e-5, False)),
-        ("input to be 2-D", lambda: OPS.batch_norm(x[:, :, 0], w, b, 2, 1e-5, False)),
-        ("input to be 2-D", lambda: OPS.batch_norm(x.flatten()[:8], None, None, 2, 1e-5, False)),
-        ("multiple of tasks=3", lambda: OPS.batch_norm(x, None, None, 3, 1e-5, False)),
-        ("tasks >= 1", lambda: OPS.batch_norm(x, None, None, 0, 1e-5, False)),
-        ("floating-point", lambda: OPS.batch_norm(x.long(), None, None, 2, 1e-5, False)),
-        ("weight to have shape", lambda: OPS.batch_norm(x, w[:3], b[:3], 2, 1e-5, False)),
-        ("weight to have shape", lambda: OPS.batch_norm(x, w.repeat(3, 1), b.repeat(3, 1), 2, 1e-5, False)),
-        ("both given or both None", lambda: OPS.batch_norm(x, w, None, 2, 1e-5, False)),
-        ("weight and bias to have one shape", lambda: OPS.batch_norm(x, w, b.repeat(2, 1), 2, 1e-5, False)),
-        ("weight to have the dtype of input", lambda: OPS.batch_norm(x, w.double(), b.double(), 2, 1e-5, False)),
-        ("more than one value", lambda: OPS.batch_norm(x[:1, :, :1, :1], w, b, 2, 1e-5, False)),
-        ("step in [0, 4)", lambda: OPS.batch_norm_eval(x, w, b, rm, rv, 2, 4, 1e-5, False)),
-        ("step in [0, 4)", lambda: OPS.batch_norm_eval(x, w, b, rm, rv, 2, -1, 1e-5, False)),
-        ("running_mean to be a 2-D (S, C=4)", lambda: OPS.batch_norm_eval(x, w, b, rm[:, :3], rv, 2, 0, 1e-5, False)),
-        ("running_var to be a 2-D (S, C=4)", lambda: OPS.batch_norm_eval(x, w, b, rm, rv[0], 2, 0, 1e-5, False)),
+        ("input to be 2-D", lambda: OPS.batch_norm(x[0], w, b, 2, 1e-5, None)),
+        ("input to be 2-D", lambda: OPS.batch_norm(x[:, :, 0], w, b, 2, 1e-5, None)),
+        ("input to be 2-D", lambda: OPS.batch_norm(x.flatten()[:8], None, None, 2, 1e-5, None)),
+        ("multiple of tasks=3", lambda: OPS.batch_norm(x, None, None, 3, 1e-5, None)),
+        ("tasks >= 1", lambda: OPS.batch_norm(x, None, None, 0, 1e-5, None)),
+        ("floating-point", lambda: OPS.batch_norm(x.long(), None, None, 2, 1e-5, None)),
+        ("weight to have shape", lambda: OPS.batch_norm(x, w[:3], b[:3], 2, 1e-5, None)),
+        ("weight to have shape", lambda: OPS.batch_norm(x, w.repeat(3, 1), b.repeat(3, 1), 2, 1e-5, None)),
+        ("both given or both None", lambda: OPS.batch_norm(x, w, None, 2, 1e-5, None)),
+        ("weight and bias to have one shape", lambda: OPS.batch_norm(x, w, b.repeat(2, 1), 2, 1e-5, None)),
+        ("weight to have the dtype of input", lambda: OPS.batch_norm(x, w.double(), b.double(), 2, 1e-5, None)),
+        ("more than one value", lambda: OPS.batch_norm(x[:1, :, :1, :1], w, b, 2, 1e-5, None)),
+        ("step in [0, 4)", lambda: OPS.batch_norm_eval(x, w, b, rm, rv, 2, 4, 1e-5, None)),
+        ("step in [0, 4)", lambda: OPS.batch_norm_eval(x, w, b, rm, rv, 2, -1, 1e-5, None)),
+        ("running_mean to be a 2-D (S, C=4)", lambda: OPS.batch_norm_eval(x, w, b, rm[:, :3], rv, 2, 0, 1e-5, None)),
+        ("running_var to be a 2-D (S, C=4)", lambda: OPS.batch_norm_eval(x, w, b, rm, rv[0], 2, 0, 1e-5, None)),
         ("running_mean to have the dtype of input", lambda: OPS.batch_norm_eval(x, w, b, rm.half(), rv, 2, 0, 1e-5,
-                                                                                False)),
+                                                                                None)),
         ("step in [0, 4)", lambda: OPS.batch_norm_update_stats_(rm, rv, mean, var, 2, 4, 75, 0.1)),
         ("running_var to be a 2-D (S, C=4)", lambda: OPS.batch_norm_update_stats_(rm, rv[:, :2], mean, var, 2, 0,
                                                                                    75, 0.1)),
@@ -440,17 +466,30 @@ def _bad_calls():
         ("count (elements per task and channel) != 1",
          lambda: OPS.batch_norm_update_stats_(rm, rv, mean, var, 2, 0, 1, 0.1)),
         ("grad_out to have the shape of input", lambda: OPS._batch_norm_backward(gy[:2], x, w, None, mean, var, 2, 0,
-                                                                                 True, 1e-5)),
+                                                                                 True, 1e-5, 0.0)),
         ("out to have the dtype of input", lambda: OPS._batch_norm_backward(gy, x, w, out.double(), mean, var, 2, 0,
-                                                                            True, 1e-5)),
+                                                                            True, 1e-5, 0.0)),
         ("mean to be a 1-D (T*C=8,)", lambda: OPS._batch_norm_backward(gy, x, w, None, mean[:4], var, 2, 0, True,
-                                                                       1e-5)),
+                                                                       1e-5, 0.0)),
         ("var to have dtype Float", lambda: OPS._batch_norm_backward(gy, x, w, None, mean, var.double(), 2, 0, True,
-                                                                     1e-5)),
+                                                                     1e-5, 0.0)),
         ("grad_grad_weight to have shape", lambda: OPS._batch_norm_double_backward(None, w[:2], None, gy, x, w, None,
-                                                                                  mean, var, 2, 0, True, 1e-5)),
+                                                                                  mean, var, 2, 0, True, 1e-5, 0.0)),
         ("grad_grad_input to have the shape of input",
-         lambda: OPS._batch_norm_double_backward(gy[:1], None, None, gy, x, w, None, mean, var, 2, 0, True, 1e-5)),
+         lambda: OPS._batch_norm_double_backward(gy[:1], None, None, gy, x, w, None, mean, var, 2, 0, True, 1e-5, 0.0)),
+        ("negative_slope to be None (no activation) or a finite float >= 0",
+         lambda: OPS.batch_norm(x, w, b, 2, 1e-5, -0.01)),
+        ("but got negative_slope=nan", lambda: OPS.batch_norm(x, w, b, 2, 1e-5, float("nan"))),
+        ("but got negative_slope=inf", lambda: OPS.batch_norm_eval(x, w, b, rm, rv, 2, 0, 1e-5, float("inf"))),
+        ("but got negative_slope=-1", lambda: OPS._batch_norm_backward(gy, x, w, out, mean, var, 2, 0, True, 1e-5,
+                                                                       -1.0)),
+        ("but got negative_slope=-1", lambda: OPS._batch_norm_double_backward(gy, None, None, gy, x, w, out, mean,
+                                                                              var, 2, 0, True, 1e-5, -1.0)),
+        ("but got negative_slope=-0.2", lambda: ops.task_batch_norm(x, 2, w, b, negative_slope=-0.2)),
+        ("but got negative_slope=-0.2", lambda: ops.task_batch_norm(x, 2, w, b, rm, rv, training=False,
+                                                                    negative_slope=-0.2)),
+        ("but got negative_slope=-0.2", lambda: ref.task_batch_norm(x, 2, w, b, negative_slope=-0.2)),
+        ("but got negative_slope=inf", lambda: ref.task_batch_norm(x, 2, w, b, negative_slope=float("inf"))),
         ("needs running_mean", lambda: ops.task_batch_norm(x, 2, w, b, training=False)),
         ("both given or both None", lambda: ops.task_batch_norm(x, 2, w, b, rm, None)),
     ]
@@ -467,7 +506,7 @@ def test_rejects_bad_input(case):
 def test_stats_requiring_grad_are_refused():
     x, w, b, rm, rv = make_case(3, 2, 4, 5, seed=53)
     with pytest.raises(RuntimeError, match="running statistics are constants"):
-        OPS.batch_norm_eval(x, w, b, rm.requires_grad_(), rv, 2, 0, 1e-5, False)
+        OPS.batch_norm_eval(x, w, b, rm.requires_grad_(), rv, 2, 0, 1e-5, None)
 
 
 # ---- CUDA ---------------------------------------------------------------------------------------
@@ -476,17 +515,19 @@ def test_stats_requiring_grad_are_refused():
 def test_rejects_mixed_devices():
     x, w, b, rm, rv = make_case(3, 2, 4, 5, dtype=torch.float32, seed=59)
     with pytest.raises(RuntimeError, match="weight to be on the device of input"):
-        OPS.batch_norm(x.cuda(), w, b.cuda(), 2, 1e-5, False)
+        OPS.batch_norm(x.cuda(), w, b.cuda(), 2, 1e-5, None)
     with pytest.raises(RuntimeError, match="running_mean to be on the device of input"):
-        OPS.batch_norm_eval(x.cuda(), w.cuda(), b.cuda(), rm, rv.cuda(), 2, 0, 1e-5, False)
+        OPS.batch_norm_eval(x.cuda(), w.cuda(), b.cuda(), rm, rv.cuda(), 2, 0, 1e-5, None)
 
 
-# (shape, affine, leaky, training): every variant on two shapes, the MAML one on the others.
+# (shape, affine, negative_slope, training): every variant on two shapes, the MAML one on the
+# others, and the other activation slopes (ReLU, 0.2, 1.5) on one shape.
 CUDA_CASES = (
-    [((5, 8, 64, 28), a, l, t) for a in AFFINES for l in (False, True) for t in (True, False)]
-    + [((75, 2, 48, 10), a, l, t) for a in AFFINES for l in (False, True) for t in (True, False)]
-    + [(s, "shared", True, True) for s in REAL_SHAPES if s not in ((5, 8, 64, 28), (75, 2, 48, 10))]
-    + [(s, "per_task", False, False) for s in REAL_SHAPES[:4]]
+    [((5, 8, 64, 28), a, sl, t) for a in AFFINES for sl in ACTS for t in (True, False)]
+    + [((75, 2, 48, 10), a, sl, t) for a in AFFINES for sl in ACTS for t in (True, False)]
+    + [(s, "shared", 0.01, True) for s in REAL_SHAPES if s not in ((5, 8, 64, 28), (75, 2, 48, 10))]
+    + [(s, "per_task", None, False) for s in REAL_SHAPES[:4]]
+    + [((20, 8, 48, 21), a, sl, t) for a in ("shared", "per_task") for sl in SLOPES[2:] for t in (True, False)]
 )
 
 
@@ -495,7 +536,7 @@ def keep_off_the_kink(x, T, w, b, rm, rv, *, step, training, delta=1e-3):
     moved away from it (pre-activations computed in float64).
 
     Two correct kernels may put a pre-activation within round-off of 0 on opposite sides and
-    pick slopes 1 and 0.01 (the first H100 run saw 1 such element in 2M); inputs with a gap
+    pick slopes 1 and a (the first H100 run saw 1 such element in 2M); inputs with a gap
     around the kink make an element-wise comparison of the two meaningful.
     """
     x = x.clone()
@@ -503,7 +544,7 @@ def keep_off_the_kink(x, T, w, b, rm, rv, *, step, training, delta=1e-3):
 
     def pre_activation(v):
         return ref.task_batch_norm(v.double(), T, w64, b64, rm.double().clone(), rv.double().clone(), step=step,
-                                   training=training, update_stats=False, leaky_relu=False)
+                                   training=training, update_stats=False, negative_slope=None)
 
     for _ in range(10):
         z = pre_activation(x)
@@ -518,15 +559,15 @@ def keep_off_the_kink(x, T, w, b, rm, rv, *, step, training, delta=1e-3):
     raise AssertionError("could not move the inputs off the LeakyReLU kink")
 
 
-def _cuda_vs_cpu(shape, affine, leaky, training, dtype, second_order=True):
+def _cuda_vs_cpu(shape, affine, slope, training, dtype, second_order=True):
     N, T, C, H = shape
     x, w, b, rm, rv = make_case(N, T, C, H, affine=affine, dtype=dtype, seed=61)
-    if leaky:
+    if slope is not None:
         x = keep_off_the_kink(x, T, w, b, rm, rv, step=2, training=training)
     rmc, rvc = rm.cuda(), rv.cuda()
     gy = torch.randn_like(x)
     vs = [torch.randn_like(t) for t in (x, w, b) if t is not None]
-    kw = dict(step=2, training=training, leaky_relu=leaky)
+    kw = dict(step=2, training=training, negative_slope=slope)
     cuda = lambda t: t.cuda() if t is not None else None  # noqa: E731
     got = grads_through(fused(T, rmc, rvc, **kw), cuda(x), cuda(w), cuda(b), gy.cuda(), [v.cuda() for v in vs])
     exp = grads_through(fused(T, rm, rv, **kw), x, w, b, gy, vs)
@@ -544,7 +585,7 @@ def _cuda_vs_cpu(shape, affine, leaky, training, dtype, second_order=True):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: "N{}-T{}-C{}-{}-{}-{}-{}".format(
-    *c[0], c[1], "leaky" if c[2] else "bn", "train" if c[3] else "eval"))
+    *c[0], c[1], SLOPE_IDS[SLOPES.index(c[2])], "train" if c[3] else "eval"))
 def test_cuda_matches_cpu(case, dtype):
     """Forward, running stats, first and second derivatives: CUDA vs CPU kernels."""
     _cuda_vs_cpu(*case, dtype)
@@ -553,23 +594,23 @@ def test_cuda_matches_cpu(case, dtype):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(5, 8, 64, 28), (20, 8, 48, 21)], ids=str)
-@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
-def test_cuda_matches_cpu_reduced_precision(shape, leaky, dtype):
-    _cuda_vs_cpu(shape, "shared", leaky, True, dtype, second_order=False)
+@pytest.mark.parametrize("slope", ACTS, ids=ACT_IDS)
+def test_cuda_matches_cpu_reduced_precision(shape, slope, dtype):
+    _cuda_vs_cpu(shape, "shared", slope, True, dtype, second_order=False)
 
 
 @needs_cuda
 @pytest.mark.parametrize("affine", AFFINES)
-@pytest.mark.parametrize("leaky", [False, True], ids=["bn", "bn+leaky"])
+@pytest.mark.parametrize("slope", SLOPES, ids=SLOPE_IDS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_cuda_gradcheck_gradgradcheck(affine, leaky, training):
+def test_cuda_gradcheck_gradgradcheck(affine, slope, training):
     T = 2
     x, w, b, rm, rv = make_case(3, T, 3, 3, 5, affine=affine, device="cuda", seed=67)
     inputs = _req(x, w, b) if w is not None else _req(x)
 
     def f(*args):
         xx, ww, bb = (args + (None, None))[:3]
-        return ops.task_batch_norm(xx, T, ww, bb, rm, rv, step=1, training=training, leaky_relu=leaky,
+        return ops.task_batch_norm(xx, T, ww, bb, rm, rv, step=1, training=training, negative_slope=slope,
                                    update_stats=False)
 
     assert torch.autograd.gradcheck(f, inputs)
@@ -580,14 +621,14 @@ def test_cuda_gradcheck_gradgradcheck(affine, leaky, training):
 def test_cuda_layouts_and_determinism():
     x, w, b, rm, rv = make_case(20, 8, 64, 7, dtype=torch.float32, device="cuda", seed=71)
     for xx in (x, x.contiguous(memory_format=torch.channels_last), torch.cat([x, x], 1)[:, ::2]):
-        a = OPS.batch_norm(xx, w, b, 8, 1e-5, True)
-        c = OPS.batch_norm(xx, w, b, 8, 1e-5, True)
-        cpu = OPS.batch_norm(xx.cpu(), w.cpu(), b.cpu(), 8, 1e-5, True)
+        a = OPS.batch_norm(xx, w, b, 8, 1e-5, 0.01)
+        c = OPS.batch_norm(xx, w, b, 8, 1e-5, 0.01)
+        cpu = OPS.batch_norm(xx.cpu(), w.cpu(), b.cpu(), 8, 1e-5, 0.01)
         for u, v, e in zip(a, c, cpu):
             assert torch.equal(u, v)
             torch.testing.assert_close(u.cpu(), e, **TOL[torch.float32])
     gy = torch.randn_like(x)
-    out, mean, var = OPS.batch_norm(x, w, b, 8, 1e-5, True)
-    r1 = OPS._batch_norm_double_backward(gy, w, b, gy, x, w, out, mean, var, 8, 0, True, 1e-5)
-    r2 = OPS._batch_norm_double_backward(gy, w, b, gy, x, w, out, mean, var, 8, 0, True, 1e-5)
+    out, mean, var = OPS.batch_norm(x, w, b, 8, 1e-5, 0.01)
+    r1 = OPS._batch_norm_double_backward(gy, w, b, gy, x, w, out, mean, var, 8, 0, True, 1e-5, 0.01)
+    r2 = OPS._batch_norm_double_backward(gy, w, b, gy, x, w, out, mean, var, 8, 0, True, 1e-5, 0.01)
     assert all(torch.equal(u, v) for u, v in zip(r1, r2))

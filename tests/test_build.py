@@ -40,7 +40,7 @@ p = [torch.randn(2, 3), torch.randn(2, 5)]
 calls = [
     lambda: ops.lslr_update(p, p[:1], torch.rand(2, 3), 0),           # lengths 2 and 1
     lambda: ops.lslr_update(p, p, torch.rand(2, 3), 7),               # step=7
-    lambda: OPS.batch_norm(torch.randn(6, 4, 3, 3), None, None, 0, 1e-5, False),  # tasks=0
+    lambda: OPS.batch_norm(torch.randn(6, 4, 3, 3), None, None, 0, 1e-5, None),  # tasks=0
 ]
 for call in calls:
     try:

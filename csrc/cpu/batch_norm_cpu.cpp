@@ -112,14 +112,14 @@ template <typename C, typename L>
 MAMLPP_INLINE L select(C c, L a, L b) {
   return c ? a : b;
 }
-template <typename L>
-MAMLPP_INLINE L leaky(L z) {
-  const L scaled = z * splat<L>(kBnLeakySlope);
-  return select(z > scaled, z, scaled);
+// The fused activation (mamlpp/batch_norm.h: bn_leaky, bn_leaky_slope) on lanes.
+template <typename L, typename T>
+MAMLPP_INLINE L leaky(L z, T slope) {
+  return select(z > splat<L>(0), z, z * splat<L>(slope));
 }
-template <typename L>
-MAMLPP_INLINE L leaky_slope(L out) {
-  return select(out > splat<L>(0), splat<L>(1), splat<L>(kBnLeakySlope));
+template <typename L, typename T>
+MAMLPP_INLINE L leaky_slope(L out, T slope) {
+  return select(out > splat<L>(0), splat<L>(1), splat<L>(slope));
 }
 
 // Horizontal sum of a vector in a fixed order.
@@ -177,11 +177,12 @@ MAMLPP_INLINE void span_sums(int64_t n, const Term& term, double (&out)[R]) {
 // ---- per-group work ----------------------------------------------------------------------
 
 // Forward of group g. training: computes mean and biased var (two passes) into *mean, *var;
-// otherwise reads them. Then writes out = act(x * scale + shift).
+// otherwise reads them. Then writes out = act(x * scale + shift) (act: LeakyReLU with
+// negative slope `slope` when kLeaky, else the identity).
 template <typename scalar_t, bool kLeaky>
 MAMLPP_BN_CLONES void forward_group(scalar_t* out, const scalar_t* x, BnLayout L, int64_t g,
                                     bool training, double eps, double gamma, double beta,
-                                    double* mean, double* var) {
+                                    double slope, double* mean, double* var) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t m = L.batch * L.inner;
   if (training) {
@@ -209,6 +210,7 @@ MAMLPP_BN_CLONES void forward_group(scalar_t* out, const scalar_t* x, BnLayout L
   const auto k = bn_forward_coeffs<double>(*mean, bn_invstd<double>(*var, eps), gamma, beta);
   const auto scale = static_cast<opmath_t>(k.scale);
   const auto shift = static_cast<opmath_t>(k.shift);
+  const auto a = static_cast<opmath_t>(slope);
   for (int64_t n = 0; n < L.batch; ++n) {
     const int64_t base = L.span(n, g);
     scalar_t* o = out + base;
@@ -217,7 +219,7 @@ MAMLPP_BN_CLONES void forward_group(scalar_t* out, const scalar_t* x, BnLayout L
       using Lane = decltype(lane);
       const Lane z = load<Lane>(xs + i) * splat<Lane>(scale) + splat<Lane>(shift);
       if constexpr (kLeaky) {
-        store(o + i, leaky(z));
+        store(o + i, leaky(z, a));
       } else {
         store(o + i, z);
       }
@@ -226,10 +228,10 @@ MAMLPP_BN_CLONES void forward_group(scalar_t* out, const scalar_t* x, BnLayout L
 }
 
 // u = dy * (slope of the fused activation, read from the output's sign).
-template <bool kLeaky, typename Lane, typename scalar_t>
-MAMLPP_INLINE Lane load_u(const scalar_t* dy, const scalar_t* y, int64_t i) {
+template <bool kLeaky, typename Lane, typename scalar_t, typename T>
+MAMLPP_INLINE Lane load_u(const scalar_t* dy, const scalar_t* y, int64_t i, T slope) {
   if constexpr (kLeaky) {
-    return load<Lane>(dy + i) * leaky_slope(load<Lane>(y + i));
+    return load<Lane>(dy + i) * leaky_slope(load<Lane>(y + i), slope);
   } else {
     return load<Lane>(dy + i);
   }
@@ -240,17 +242,18 @@ MAMLPP_INLINE Lane load_u(const scalar_t* dy, const scalar_t* y, int64_t i) {
 template <typename scalar_t, bool kLeaky>
 MAMLPP_BN_CLONES void backward_group(scalar_t* dx, const scalar_t* dy, const scalar_t* x,
                                      const scalar_t* y, BnLayout L, int64_t g, bool training,
-                                     double mean, double invstd, double gamma, double* s1,
-                                     double* s2) {
+                                     double mean, double invstd, double gamma, double slope,
+                                     double* s1, double* s2) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto mu = static_cast<opmath_t>(mean);
+  const auto a = static_cast<opmath_t>(slope);
   double s[2] = {0.0, 0.0};
   for (int64_t n = 0; n < L.batch; ++n) {
     const int64_t base = L.span(n, g);
     const scalar_t *dys = dy + base, *xs = x + base, *ys = kLeaky ? y + base : nullptr;
     span_sums<2, scalar_t>(L.inner, [&](int64_t i, auto& v) {
       using Lane = std::remove_reference_t<decltype(v[0])>;
-      const Lane u = load_u<kLeaky, Lane>(dys, ys, i);
+      const Lane u = load_u<kLeaky, Lane>(dys, ys, i, a);
       v[0] = u;
       v[1] = u * (load<Lane>(xs + i) - splat<Lane>(mu));
     }, s);
@@ -268,7 +271,7 @@ MAMLPP_BN_CLONES void backward_group(scalar_t* dx, const scalar_t* dy, const sca
     const scalar_t *dys = dy + base, *xs = x + base, *ys = kLeaky ? y + base : nullptr;
     span_for<scalar_t>(L.inner, [&](int64_t i, auto lane) {
       using Lane = decltype(lane);
-      const Lane u = load_u<kLeaky, Lane>(dys, ys, i);
+      const Lane u = load_u<kLeaky, Lane>(dys, ys, i, a);
       store(o + i, u * splat<Lane>(ku) + load<Lane>(xs + i) * splat<Lane>(kx) + splat<Lane>(k0));
     });
   }
@@ -282,9 +285,10 @@ MAMLPP_BN_CLONES void double_backward_group(scalar_t* grad_dy, scalar_t* grad_x,
                                             const scalar_t* x, const scalar_t* y, BnLayout L,
                                             int64_t g, bool training, double mean, double invstd,
                                             double gamma, double ggamma, double gbeta,
-                                            double* dgamma) {
+                                            double slope, double* dgamma) {
   using opmath_t = at::opmath_type<scalar_t>;
   const auto mu = static_cast<opmath_t>(mean);
+  const auto a_slope = static_cast<opmath_t>(slope);
   BnDoubleBackwardSums<double> sums{0, 0, 0, 0, 0};
   constexpr int R = kHasGx ? 5 : 2;
   double s[R];
@@ -295,7 +299,7 @@ MAMLPP_BN_CLONES void double_backward_group(scalar_t* grad_dy, scalar_t* grad_x,
     const scalar_t* gs = kHasGx ? ggx + base : nullptr;
     span_sums<R, scalar_t>(L.inner, [&](int64_t i, auto& v) {
       using Lane = std::remove_reference_t<decltype(v[0])>;
-      const Lane u = load_u<kLeaky, Lane>(dys, ys, i);
+      const Lane u = load_u<kLeaky, Lane>(dys, ys, i, a_slope);
       const Lane d = load<Lane>(xs + i) - splat<Lane>(mu);
       v[0] = u;
       v[1] = u * d;
@@ -329,7 +333,7 @@ MAMLPP_BN_CLONES void double_backward_group(scalar_t* grad_dy, scalar_t* grad_x,
     const scalar_t* gs = kHasGx ? ggx + base : nullptr;
     span_for<scalar_t>(L.inner, [&](int64_t i, auto lane) {
       using Lane = decltype(lane);
-      const Lane a = kLeaky ? leaky_slope(load<Lane>(ys + i)) : splat<Lane>(1);
+      const Lane a = kLeaky ? leaky_slope(load<Lane>(ys + i), a_slope) : splat<Lane>(1);
       const Lane u = load<Lane>(dys + i) * a;
       const Lane xv = load<Lane>(xs + i);
       const Lane gx = kHasGx ? load<Lane>(gs + i) : splat<Lane>(0);
@@ -419,8 +423,10 @@ BnLayout layout_of(const BnGeometry& geo) { return {geo.batch, geo.groups, geo.i
 // Shared body of the two forwards.
 at::Tensor forward_impl(const at::Tensor& x, const BnGeometry& geo,
                         const std::vector<double>& gamma, const std::vector<double>& beta,
-                        bool training, double eps, bool leaky, std::vector<double>* mean,
-                        std::vector<double>* var) {
+                        bool training, double eps, const std::optional<double>& negative_slope,
+                        std::vector<double>* mean, std::vector<double>* var) {
+  const bool leaky = negative_slope.has_value();
+  const double slope = negative_slope.value_or(1.0);
   at::Tensor out = at::empty(x.sizes(), x.options());
   const BnLayout L = layout_of(geo);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_cpu", [&] {
@@ -428,10 +434,10 @@ at::Tensor forward_impl(const at::Tensor& x, const BnGeometry& geo,
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
     parallel_groups(geo, [&](int64_t g) {
       if (leaky) {
-        forward_group<scalar_t, true>(po, px, L, g, training, eps, gamma[g], beta[g],
+        forward_group<scalar_t, true>(po, px, L, g, training, eps, gamma[g], beta[g], slope,
                                       &(*mean)[g], &(*var)[g]);
       } else {
-        forward_group<scalar_t, false>(po, px, L, g, training, eps, gamma[g], beta[g],
+        forward_group<scalar_t, false>(po, px, L, g, training, eps, gamma[g], beta[g], slope,
                                        &(*mean)[g], &(*var)[g]);
       }
     });
@@ -443,32 +449,36 @@ at::Tensor forward_impl(const at::Tensor& x, const BnGeometry& geo,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, int64_t tasks, double eps, bool leaky_relu) {
+    const std::optional<at::Tensor>& bias, int64_t tasks, double eps,
+    std::optional<double> negative_slope) {
   constexpr const char* op = "mamlpp_ext.batch_norm";
   const BnGeometry geo = check_bn_input(op, input, tasks);
   check_bn_affine(op, geo, input, weight, bias);
+  check_bn_negative_slope(op, negative_slope);
   check_bn_training_count(op, geo, input);
   const at::Tensor x = input.contiguous();
   std::vector<double> mean(geo.groups, 0.0), var(geo.groups, 0.0);
   at::Tensor out = forward_impl(x, geo, group_affine(weight, geo, 1.0), group_affine(bias, geo, 0.0),
-                                /*training=*/true, eps, leaky_relu, &mean, &var);
+                                /*training=*/true, eps, negative_slope, &mean, &var);
   return {out, stats_tensor(mean, input), stats_tensor(var, input)};
 }
 
 at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias,
                                const at::Tensor& running_mean, const at::Tensor& running_var,
-                               int64_t tasks, int64_t step, double eps, bool leaky_relu) {
+                               int64_t tasks, int64_t step, double eps,
+                               std::optional<double> negative_slope) {
   constexpr const char* op = "mamlpp_ext.batch_norm_eval";
   const BnGeometry geo = check_bn_input(op, input, tasks);
   check_bn_affine(op, geo, input, weight, bias);
+  check_bn_negative_slope(op, negative_slope);
   check_bn_running_stats(op, "running_mean", running_mean, geo, input, step);
   check_bn_running_stats(op, "running_var", running_var, geo, input, step);
   std::vector<double> mean, var;
   group_stats(running_mean, running_var, geo, /*training=*/false, step, &mean, &var);
   return forward_impl(input.contiguous(), geo, group_affine(weight, geo, 1.0),
-                      group_affine(bias, geo, 0.0), /*training=*/false, eps, leaky_relu, &mean,
-                      &var);
+                      group_affine(bias, geo, 0.0), /*training=*/false, eps, negative_slope,
+                      &mean, &var);
 }
 
 void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -510,14 +520,17 @@ void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& out, const at::Tensor& mean, const at::Tensor& var,
-    int64_t tasks, int64_t step, bool training, double eps) {
+    int64_t tasks, int64_t step, bool training, double eps, double negative_slope) {
   constexpr const char* op = "mamlpp_ext._batch_norm_backward";
   const BnGeometry geo = check_bn_input(op, input, tasks);
   const auto w = defined_or_none(weight);
   check_bn_affine(op, geo, input, w, w);
   check_bn_like(op, "grad_out", grad_out, input);
   const auto y_opt = defined_or_none(out);
-  if (y_opt) check_bn_like(op, "out", *y_opt, input);
+  if (y_opt) {
+    check_bn_like(op, "out", *y_opt, input);
+    check_bn_negative_slope(op, negative_slope);
+  }
   check_bn_stats(op, training, mean, var, geo, input, step);
 
   const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
@@ -538,10 +551,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
       const double invstd = bn_invstd<double>(sigma2[g], eps);
       if (py != nullptr) {
         backward_group<scalar_t, true>(pdx, pdy, px, py, L, g, training, mu[g], invstd, gamma[g],
-                                       &s1[g], &s2[g]);
+                                       negative_slope, &s1[g], &s2[g]);
       } else {
         backward_group<scalar_t, false>(pdx, pdy, px, py, L, g, training, mu[g], invstd,
-                                        gamma[g], &s1[g], &s2[g]);
+                                        gamma[g], negative_slope, &s1[g], &s2[g]);
       }
     });
   });
@@ -554,14 +567,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cpu(
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_out,
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& out, const at::Tensor& mean, const at::Tensor& var,
-    int64_t tasks, int64_t step, bool training, double eps) {
+    int64_t tasks, int64_t step, bool training, double eps, double negative_slope) {
   constexpr const char* op = "mamlpp_ext._batch_norm_double_backward";
   const BnGeometry geo = check_bn_input(op, input, tasks);
   const auto w = defined_or_none(weight);
   check_bn_affine(op, geo, input, w, w);
   check_bn_like(op, "grad_out", grad_out, input);
   const auto y_opt = defined_or_none(out);
-  if (y_opt) check_bn_like(op, "out", *y_opt, input);
+  if (y_opt) {
+    check_bn_like(op, "out", *y_opt, input);
+    check_bn_negative_slope(op, negative_slope);
+  }
   const auto ggx_opt = defined_or_none(grad_grad_input);
   if (ggx_opt) check_bn_like(op, "grad_grad_input", *ggx_opt, input);
   const auto affine_shape = bn_affine_shape(geo, w);
@@ -606,7 +622,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cpu(
       auto run = [&](auto leaky, auto has_gx) {
         double_backward_group<scalar_t, decltype(leaky)::value, decltype(has_gx)::value>(
             o_dy, o_x, pgg, pdy, px, py, L, g, training, mu[g], invstd, gamma[g], ggamma[g],
-            gbeta[g], &dgamma[g]);
+            gbeta[g], negative_slope, &dgamma[g]);
       };
       using T_ = std::true_type;
       using F_ = std::false_type;

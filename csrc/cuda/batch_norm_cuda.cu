@@ -175,16 +175,18 @@ __global__ void bn_eval_coeffs_kernel(StatsRef<opmath_t> stats, int64_t groups,
   coeffs[2 * g + 1] = k.shift;
 }
 
-// Step 3 of both forwards: out = act(x * scale + shift).
+// Step 3 of both forwards: out = act(x * scale + shift) (act: LeakyReLU with negative slope
+// `slope` when kLeaky, else the identity).
 template <typename scalar_t, typename opmath_t, bool kLeaky>
 __global__ void bn_forward_apply_kernel(scalar_t* __restrict__ out,
                                         const scalar_t* __restrict__ x,
-                                        const opmath_t* __restrict__ coeffs, ApplyGeom geo) {
+                                        const opmath_t* __restrict__ coeffs, opmath_t slope,
+                                        ApplyGeom geo) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < geo.numel;
        i += blockDim.x * gridDim.x) {
     const uint32_t g = geo.group(i);
     const opmath_t z = static_cast<opmath_t>(x[i]) * coeffs[2 * g] + coeffs[2 * g + 1];
-    out[i] = static_cast<scalar_t>(kLeaky ? bn_leaky(z) : z);
+    out[i] = static_cast<scalar_t>(kLeaky ? bn_leaky(z, slope) : z);
   }
 }
 
@@ -198,8 +200,10 @@ struct BnSumsOp {
   const scalar_t* x;
   const scalar_t* y;    // the forward output when the LeakyReLU is fused
   const scalar_t* ggx;  // R == 5 only
+  opmath_t negative_slope;  // of the fused activation (kLeaky)
   __device__ __forceinline__ void operator()(int64_t i, opmath_t mean, opmath_t (&v)[R]) const {
-    const opmath_t slope = kLeaky ? bn_leaky_slope(static_cast<opmath_t>(y[i])) : opmath_t(1);
+    const opmath_t slope =
+        kLeaky ? bn_leaky_slope(static_cast<opmath_t>(y[i]), negative_slope) : opmath_t(1);
     const opmath_t u = static_cast<opmath_t>(dy[i]) * slope;
     const opmath_t d = static_cast<opmath_t>(x[i]) - mean;
     v[0] += u;
@@ -282,11 +286,13 @@ __global__ void bn_backward_apply_kernel(scalar_t* __restrict__ dx,
                                          const scalar_t* __restrict__ dy,
                                          const scalar_t* __restrict__ x,
                                          const scalar_t* __restrict__ y,
-                                         const opmath_t* __restrict__ coeffs, ApplyGeom geo) {
+                                         const opmath_t* __restrict__ coeffs,
+                                         opmath_t negative_slope, ApplyGeom geo) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < geo.numel;
        i += blockDim.x * gridDim.x) {
     const uint32_t g = geo.group(i);
-    const opmath_t slope = kLeaky ? bn_leaky_slope(static_cast<opmath_t>(y[i])) : opmath_t(1);
+    const opmath_t slope =
+        kLeaky ? bn_leaky_slope(static_cast<opmath_t>(y[i]), negative_slope) : opmath_t(1);
     const opmath_t u = static_cast<opmath_t>(dy[i]) * slope;
     dx[i] = static_cast<scalar_t>(coeffs[3 * g] * u + coeffs[3 * g + 1] * static_cast<opmath_t>(x[i]) +
                                   coeffs[3 * g + 2]);
@@ -337,11 +343,12 @@ __global__ void bn_double_backward_apply_kernel(
     scalar_t* __restrict__ grad_dy, scalar_t* __restrict__ grad_x,
     const scalar_t* __restrict__ ggx, const scalar_t* __restrict__ dy,
     const scalar_t* __restrict__ x, const scalar_t* __restrict__ y,
-    const opmath_t* __restrict__ coeffs, ApplyGeom geo) {
+    const opmath_t* __restrict__ coeffs, opmath_t negative_slope, ApplyGeom geo) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < geo.numel;
        i += blockDim.x * gridDim.x) {
     const opmath_t* c = coeffs + kDbwCoeffs * geo.group(i);
-    const opmath_t slope = kLeaky ? bn_leaky_slope(static_cast<opmath_t>(y[i])) : opmath_t(1);
+    const opmath_t slope =
+        kLeaky ? bn_leaky_slope(static_cast<opmath_t>(y[i]), negative_slope) : opmath_t(1);
     const opmath_t u = static_cast<opmath_t>(dy[i]) * slope;
     const opmath_t xv = static_cast<opmath_t>(x[i]);
     const opmath_t gx = kHasGx ? static_cast<opmath_t>(ggx[i]) : opmath_t(0);
@@ -450,7 +457,9 @@ at::Tensor forward_impl(const at::Tensor& x, const BnGeometry& geo,
                         const std::optional<at::Tensor>& weight,
                         const std::optional<at::Tensor>& bias, bool training,
                         const at::Tensor& stats_mean, const at::Tensor& stats_var, int64_t step,
-                        double eps, bool leaky, at::Tensor* mean_out, at::Tensor* var_out) {
+                        double eps, const std::optional<double>& negative_slope,
+                        at::Tensor* mean_out, at::Tensor* var_out) {
+  const bool leaky = negative_slope.has_value();
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (geo.groups == 0) return out;
   const auto opmath_dtype = at::toOpMathType(x.scalar_type());
@@ -491,11 +500,11 @@ at::Tensor forward_impl(const at::Tensor& x, const BnGeometry& geo,
       if (leaky) {
         bn_forward_apply_kernel<scalar_t, opmath_t, true><<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
             out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            coeffs.const_data_ptr<opmath_t>(), ag);
+            coeffs.const_data_ptr<opmath_t>(), static_cast<opmath_t>(*negative_slope), ag);
       } else {
         bn_forward_apply_kernel<scalar_t, opmath_t, false><<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
             out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            coeffs.const_data_ptr<opmath_t>(), ag);
+            coeffs.const_data_ptr<opmath_t>(), opmath_t(1), ag);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -507,10 +516,12 @@ at::Tensor forward_impl(const at::Tensor& x, const BnGeometry& geo,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, int64_t tasks, double eps, bool leaky_relu) {
+    const std::optional<at::Tensor>& bias, int64_t tasks, double eps,
+    std::optional<double> negative_slope) {
   constexpr const char* op = "mamlpp_ext.batch_norm";
   const BnGeometry geo = check_bn_input(op, input, tasks);
   check_bn_affine(op, geo, input, weight, bias);
+  check_bn_negative_slope(op, negative_slope);
   check_bn_training_count(op, geo, input);
   check_index_range(op, input);
   c10::cuda::CUDAGuard guard(input.device());
@@ -519,18 +530,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
   at::Tensor mean = at::empty({geo.groups}, stats_options);
   at::Tensor var = at::empty({geo.groups}, stats_options);
   at::Tensor out = forward_impl(x, geo, contiguous_or_none(weight), contiguous_or_none(bias),
-                                /*training=*/true, at::Tensor(), at::Tensor(), 0, eps, leaky_relu,
-                                &mean, &var);
+                                /*training=*/true, at::Tensor(), at::Tensor(), 0, eps,
+                                negative_slope, &mean, &var);
   return {out, mean, var};
 }
 
 at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                 const std::optional<at::Tensor>& bias,
                                 const at::Tensor& running_mean, const at::Tensor& running_var,
-                                int64_t tasks, int64_t step, double eps, bool leaky_relu) {
+                                int64_t tasks, int64_t step, double eps,
+                                std::optional<double> negative_slope) {
   constexpr const char* op = "mamlpp_ext.batch_norm_eval";
   const BnGeometry geo = check_bn_input(op, input, tasks);
   check_bn_affine(op, geo, input, weight, bias);
+  check_bn_negative_slope(op, negative_slope);
   check_bn_running_stats(op, "running_mean", running_mean, geo, input, step);
   check_bn_running_stats(op, "running_var", running_var, geo, input, step);
   check_index_range(op, input);
@@ -538,8 +551,8 @@ at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const std::optional<at:
   const at::Tensor rm = bn_stats_operand(running_mean, input);
   const at::Tensor rv = bn_stats_operand(running_var, input);
   return forward_impl(input.contiguous(), geo, contiguous_or_none(weight),
-                      contiguous_or_none(bias), /*training=*/false, rm, rv, step, eps, leaky_relu,
-                      nullptr, nullptr);
+                      contiguous_or_none(bias), /*training=*/false, rm, rv, step, eps,
+                      negative_slope, nullptr, nullptr);
 }
 
 void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -569,14 +582,17 @@ void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& out, const at::Tensor& mean, const at::Tensor& var,
-    int64_t tasks, int64_t step, bool training, double eps) {
+    int64_t tasks, int64_t step, bool training, double eps, double negative_slope) {
   constexpr const char* op = "mamlpp_ext._batch_norm_backward";
   const BnGeometry geo = check_bn_input(op, input, tasks);
   const auto w = contiguous_or_none(weight);
   check_bn_affine(op, geo, input, w, w);
   check_bn_like(op, "grad_out", grad_out, input);
   const bool leaky = out.has_value() && out->defined();
-  if (leaky) check_bn_like(op, "out", *out, input);
+  if (leaky) {
+    check_bn_like(op, "out", *out, input);
+    check_bn_negative_slope(op, negative_slope);
+  }
   check_bn_stats(op, training, mean, var, geo, input, step);
   check_index_range(op, input);
   c10::cuda::CUDAGuard guard(input.device());
@@ -604,12 +620,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const scalar_t* py = leaky ? y.const_data_ptr<scalar_t>() : nullptr;
     if (leaky) {
       BnSumsOp<scalar_t, opmath_t, true, 2> sop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-                                                nullptr};
+                                                nullptr, static_cast<opmath_t>(negative_slope)};
       bn_sums_kernel<2, opmath_t><<<grid, kBlockSize, 0, stream>>>(sop, stats, rg,
                                                                    partials.mutable_data_ptr<opmath_t>());
     } else {
       BnSumsOp<scalar_t, opmath_t, false, 2> sop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-                                                 nullptr};
+                                                 nullptr, opmath_t(1)};
       bn_sums_kernel<2, opmath_t><<<grid, kBlockSize, 0, stream>>>(sop, stats, rg,
                                                                    partials.mutable_data_ptr<opmath_t>());
     }
@@ -625,11 +641,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
       if (leaky) {
         bn_backward_apply_kernel<scalar_t, opmath_t, true><<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
             dx.mutable_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-            coeffs.const_data_ptr<opmath_t>(), ag);
+            coeffs.const_data_ptr<opmath_t>(), static_cast<opmath_t>(negative_slope), ag);
       } else {
         bn_backward_apply_kernel<scalar_t, opmath_t, false><<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
             dx.mutable_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-            coeffs.const_data_ptr<opmath_t>(), ag);
+            coeffs.const_data_ptr<opmath_t>(), opmath_t(1), ag);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -643,7 +659,8 @@ void launch_double_backward(const at::Tensor& ggx, const at::Tensor& ggw, const 
                             const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
                             const std::optional<at::Tensor>& w, const at::Tensor& sm,
                             const at::Tensor& sv, const BnGeometry& geo, int64_t step,
-                            bool training, double eps, at::Tensor& grad_dy, at::Tensor& grad_x,
+                            bool training, double eps, double negative_slope, at::Tensor& grad_dy,
+                            at::Tensor& grad_x,
                             at::Tensor& grad_gamma) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int R = kHasGx ? 5 : 2;
@@ -656,8 +673,9 @@ void launch_double_backward(const at::Tensor& ggx, const at::Tensor& ggw, const 
   const auto stats = stats_ref<opmath_t>(sm, sv, training, step, geo);
   const scalar_t* py = kLeaky ? y.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* pgx = kHasGx ? ggx.const_data_ptr<scalar_t>() : nullptr;
+  const auto slope = static_cast<opmath_t>(negative_slope);
   BnSumsOp<scalar_t, opmath_t, kLeaky, R> sop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-                                              pgx};
+                                              pgx, slope};
   bn_sums_kernel<R, opmath_t><<<dim3(static_cast<unsigned>(geo.groups), splits), kBlockSize, 0, stream>>>(
       sop, stats, rg, partials.mutable_data_ptr<opmath_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -674,7 +692,7 @@ void launch_double_backward(const at::Tensor& ggx, const at::Tensor& ggw, const 
         <<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
             grad_dy.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), pgx,
             dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-            coeffs.const_data_ptr<opmath_t>(), apply_geom(geo, x.numel()));
+            coeffs.const_data_ptr<opmath_t>(), slope, apply_geom(geo, x.numel()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -685,14 +703,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cuda(
     const std::optional<at::Tensor>& grad_grad_bias, const at::Tensor& grad_out,
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& out, const at::Tensor& mean, const at::Tensor& var,
-    int64_t tasks, int64_t step, bool training, double eps) {
+    int64_t tasks, int64_t step, bool training, double eps, double negative_slope) {
   constexpr const char* op = "mamlpp_ext._batch_norm_double_backward";
   const BnGeometry geo = check_bn_input(op, input, tasks);
   const auto w = contiguous_or_none(weight);
   check_bn_affine(op, geo, input, w, w);
   check_bn_like(op, "grad_out", grad_out, input);
   const bool leaky = out.has_value() && out->defined();
-  if (leaky) check_bn_like(op, "out", *out, input);
+  if (leaky) {
+    check_bn_like(op, "out", *out, input);
+    check_bn_negative_slope(op, negative_slope);
+  }
   const bool has_gx = grad_grad_input.has_value() && grad_grad_input->defined();
   if (has_gx) check_bn_like(op, "grad_grad_input", *grad_grad_input, input);
   const auto affine_shape = bn_affine_shape(geo, w);
@@ -730,8 +751,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cuda(
                                   "batch_norm_double_backward_cuda", [&] {
     auto run = [&](auto leaky_c, auto gx_c) {
       launch_double_backward<scalar_t, decltype(leaky_c)::value, decltype(gx_c)::value>(
-          ggx, ggw, ggb, dy, x, y, w, sm, sv, geo, step, training, eps, grad_dy, grad_x,
-          grad_gamma);
+          ggx, ggw, ggb, dy, x, y, w, sm, sv, geo, step, training, eps, negative_slope, grad_dy,
+          grad_x, grad_gamma);
     };
     using T_ = std::true_type;
     using F_ = std::false_type;

@@ -28,8 +28,8 @@ _ops = torch.ops.mamlpp_ext
 def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bias: Tensor | None = None,
                     running_mean: Tensor | None = None, running_var: Tensor | None = None, *,
                     step: int = 0, training: bool = True, update_stats: bool = True,
-                    momentum: float = 0.1, eps: float = 1e-5, leaky_relu: bool = False) -> Tensor:
-    """Per-step batch norm of T tasks' activations in one fused op (optionally + LeakyReLU).
+                    momentum: float = 0.1, eps: float = 1e-5, negative_slope: float | None = None) -> Tensor:
+    """Per-step batch norm of T tasks' activations in one fused op (optionally + LeakyReLU/ReLU).
 
     Args:
         input: (N, T*C) or (N, T*C, H, W); channel t*C + c is channel c of task t. Any memory
@@ -47,7 +47,10 @@ def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bia
             row ``step`` in place (no autograd) with the mean over tasks of the batch mean and of
             the unbiased batch variance, momentum ``momentum``. False: normalise with row
             ``step`` of the running statistics (required), which are not changed.
-        leaky_relu: apply LeakyReLU(0.01) to the result, fused.
+        negative_slope: None: no activation. A finite float a >= 0: LeakyReLU with negative slope a
+            (``z if z > 0 else a * z``; a = 0 is ReLU) applied to the result, fused in the op.
+            a < 0 or non-finite is rejected (the backward reads the slope from the sign of the
+            output, which is right only for a >= 0).
 
     Returns:
         (N, T*C[, H, W]) tensor. Differentiable w.r.t. input, weight and bias to any order;
@@ -58,7 +61,7 @@ def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bia
         raise ValueError("task_batch_norm: expected running_mean and running_var to be both "
                          "given or both None")
     if training:
-        out, mean, var = _ops.batch_norm(input, weight, bias, tasks, float(eps), bool(leaky_relu))
+        out, mean, var = _ops.batch_norm(input, weight, bias, tasks, eps, negative_slope)
         if running_mean is not None and update_stats:
             count = input.shape[0] * (input.shape[2] * input.shape[3] if input.dim() == 4 else 1)
             with torch.no_grad():
@@ -68,8 +71,8 @@ def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bia
     if running_mean is None:
         raise ValueError("task_batch_norm: evaluation mode (training=False) needs running_mean "
                          "and running_var")
-    return _ops.batch_norm_eval(input, weight, bias, running_mean, running_var, tasks, int(step),
-                                float(eps), bool(leaky_relu))
+    return _ops.batch_norm_eval(input, weight, bias, running_mean, running_var, tasks, int(step), eps,
+                                negative_slope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,13 +88,13 @@ def _affine_shape(input: Tensor, tasks: int, weight: Tensor | None):
 
 
 @torch.library.register_fake("mamlpp_ext::batch_norm")
-def _batch_norm_fake(input, weight, bias, tasks, eps, leaky_relu):
+def _batch_norm_fake(input, weight, bias, tasks, eps, negative_slope):
     stats = input.new_empty((input.shape[1],), dtype=_stats_dtype(input.dtype))
     return input.new_empty(input.shape), stats, torch.empty_like(stats)
 
 
 @torch.library.register_fake("mamlpp_ext::batch_norm_eval")
-def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, tasks, step, eps, leaky_relu):
+def _batch_norm_eval_fake(input, weight, bias, running_mean, running_var, tasks, step, eps, negative_slope):
     return input.new_empty(input.shape)
 
 
@@ -101,14 +104,15 @@ def _batch_norm_update_stats_fake(running_mean, running_var, mean, var, tasks, s
 
 
 @torch.library.register_fake("mamlpp_ext::_batch_norm_backward")
-def _batch_norm_backward_fake(grad_out, input, weight, out, mean, var, tasks, step, training, eps):
+def _batch_norm_backward_fake(grad_out, input, weight, out, mean, var, tasks, step, training, eps,
+                              negative_slope):
     shape = _affine_shape(input, tasks, weight)
     return input.new_empty(input.shape), input.new_empty(shape), input.new_empty(shape)
 
 
 @torch.library.register_fake("mamlpp_ext::_batch_norm_double_backward")
 def _batch_norm_double_backward_fake(grad_grad_input, grad_grad_weight, grad_grad_bias, grad_out, input,
-                                     weight, out, mean, var, tasks, step, training, eps):
+                                     weight, out, mean, var, tasks, step, training, eps, negative_slope):
     return (input.new_empty(input.shape), input.new_empty(input.shape),
             input.new_empty(_affine_shape(input, tasks, weight)))
 
@@ -122,17 +126,18 @@ def _grad_or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _batch_norm_setup(ctx, inputs, output):
-    input, weight, bias, tasks, eps, leaky_relu = inputs
+    input, weight, bias, tasks, eps, negative_slope = inputs
     out, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.tasks, ctx.eps = tasks, eps
-    ctx.save_for_backward(input, weight, out if leaky_relu else None, mean, var)
+    ctx.slope = 0.0 if negative_slope is None else negative_slope
+    ctx.save_for_backward(input, weight, out if negative_slope is not None else None, mean, var)
 
 
 def _batch_norm_backward(ctx, grad_out, _grad_mean, _grad_var):
     input, weight, out, mean, var = ctx.saved_tensors
     dx, dw, db = _ops._batch_norm_backward(_grad_or_zeros(grad_out, input), input, weight, out, mean, var,
-                                           ctx.tasks, 0, True, ctx.eps)
+                                           ctx.tasks, 0, True, ctx.eps, ctx.slope)
     affine = weight is not None
     return (dx if ctx.needs_input_grad[0] else None,
             dw if affine and ctx.needs_input_grad[1] else None,
@@ -144,19 +149,20 @@ torch.library.register_autograd("mamlpp_ext::batch_norm", _batch_norm_backward,
 
 
 def _batch_norm_eval_setup(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, tasks, step, eps, leaky_relu = inputs
+    input, weight, bias, running_mean, running_var, tasks, step, eps, negative_slope = inputs
     if running_mean.requires_grad or running_var.requires_grad:
         raise RuntimeError("mamlpp_ext.batch_norm_eval: running statistics are constants; "
                            "gradients w.r.t. running_mean/running_var are not supported")
-    ctx.args = (tasks, step, eps)
-    ctx.save_for_backward(input, weight, output if leaky_relu else None, running_mean, running_var)
+    ctx.args = (tasks, step, eps, 0.0 if negative_slope is None else negative_slope)
+    ctx.save_for_backward(input, weight, output if negative_slope is not None else None, running_mean,
+                          running_var)
 
 
 def _batch_norm_eval_backward(ctx, grad_out):
     input, weight, out, running_mean, running_var = ctx.saved_tensors
-    tasks, step, eps = ctx.args
+    tasks, step, eps, slope = ctx.args
     dx, dw, db = _ops._batch_norm_backward(_grad_or_zeros(grad_out, input), input, weight, out, running_mean,
-                                           running_var, tasks, step, False, eps)
+                                           running_var, tasks, step, False, eps, slope)
     affine = weight is not None
     return (dx if ctx.needs_input_grad[0] else None,
             dw if affine and ctx.needs_input_grad[1] else None,
@@ -176,9 +182,9 @@ def _check_constant_stats(op: str, mean: Tensor, var: Tensor) -> None:
 
 
 def _batch_norm_backward_setup(ctx, inputs, output):
-    grad_out, input, weight, out, mean, var, tasks, step, training, eps = inputs
+    grad_out, input, weight, out, mean, var, tasks, step, training, eps, negative_slope = inputs
     _check_constant_stats("_batch_norm_backward", mean, var)
-    ctx.args = (tasks, step, training, eps)
+    ctx.args = (tasks, step, training, eps, negative_slope)
     ctx.save_for_backward(grad_out, input, weight, out, mean, var)
 
 
@@ -191,7 +197,7 @@ def _batch_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
     need = ctx.needs_input_grad
     # out's only role is the sign of the activation slope: piecewise constant, zero derivative.
     return (ggo if need[0] else None, gx if need[1] else None,
-            gw if weight is not None and need[2] else None, None, None, None, None, None, None, None)
+            gw if weight is not None and need[2] else None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd("mamlpp_ext::_batch_norm_backward", _batch_norm_backward_backward,
@@ -200,9 +206,9 @@ torch.library.register_autograd("mamlpp_ext::_batch_norm_backward", _batch_norm_
 
 def _batch_norm_double_backward_setup(ctx, inputs, output):
     (gg_input, gg_weight, gg_bias, grad_out, input, weight, out, mean, var, tasks, step, training,
-     eps) = inputs
+     eps, negative_slope) = inputs
     _check_constant_stats("_batch_norm_double_backward", mean, var)
-    ctx.args = (tasks, step, training, eps)
+    ctx.args = (tasks, step, training, eps, negative_slope)
     ctx.save_for_backward(gg_input, gg_weight, gg_bias, grad_out, input, weight, out, mean, var)
 
 
@@ -214,7 +220,7 @@ def _batch_norm_double_backward_backward(ctx, g_ggo, g_gx, g_gw):
     create = torch.is_grad_enabled()
     candidates = [(0, gg_input), (1, gg_weight), (2, gg_bias), (3, grad_out), (4, input), (5, weight)]
     wanted = [(i, t) for i, t in candidates if t is not None and ctx.needs_input_grad[i]]
-    result = [None] * 13
+    result = [None] * 14
     if not wanted:
         return tuple(result)
     with torch.enable_grad():

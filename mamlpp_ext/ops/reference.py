@@ -9,6 +9,7 @@ obviously right; speed is the compiled ops' job.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -53,6 +54,13 @@ def _per_group_affine(t: Tensor | None, tasks: int) -> Tensor | None:
     return t.repeat(tasks) if t.dim() == 1 else t.reshape(-1)
 
 
+def _check_negative_slope(negative_slope: float | None) -> None:
+    """The contract of the compiled op: None, or a finite float >= 0."""
+    if negative_slope is not None and not (math.isfinite(negative_slope) and negative_slope >= 0):
+        raise ValueError("task_batch_norm: expected negative_slope to be None (no activation) or a finite "
+                         f"float >= 0 (the LeakyReLU slope; 0 is ReLU), but got negative_slope={negative_slope}")
+
+
 def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bias: Tensor | None = None,
                     running_mean: Tensor | None = None, running_var: Tensor | None = None, *,
                     step: int = 0, training: bool = True, update_stats: bool = True,
@@ -64,9 +72,11 @@ def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bia
     running_mean, running_var: (S, C) or None. Training: normalise each (task, channel) with its
     batch statistics and, when ``update_stats``, update row ``step`` in place with the mean over
     tasks of the batch mean and unbiased variance (momentum). Evaluation: normalise with row
-    ``step``. ``leaky_relu``: apply LeakyReLU(0.01) to the result.
+    ``step``. ``negative_slope``: None, no activation; a float a >= 0: ``F.leaky_relu(out, a)``
+    (``F.relu`` for a = 0) applied to the result; a < 0 or non-finite is rejected, as by the op.
     Repeats gamma/beta T times and runs ATen's ``F.batch_norm`` on the whole tensor.
     """
+    _check_negative_slope(negative_slope)
     C = input.shape[1] // tasks
     w = _per_group_affine(weight, tasks)
     b = _per_group_affine(bias, tasks)
@@ -84,7 +94,10 @@ def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bia
         out = torch.nn.functional.batch_norm(input, running_mean[step].repeat(tasks),
                                              running_var[step].repeat(tasks), w, b, False, 0.0, eps)
     if negative_slope is not None:
-        out = torch.nn.functional.leaky_relu(out, negative_slope) if negative_slope else torch.relu(out)
+        if negative_slope == 0:
+            out = torch.nn.functional.relu(out)
+        else:
+            out = torch.nn.functional.leaky_relu(out, negative_slope)
     return out
 
 
@@ -123,19 +136,22 @@ def _as_leaf_if_needed(t: Tensor | None) -> Tensor | None:
 def batch_norm_double_backward(grad_grad_input: Tensor | None, grad_grad_weight: Tensor | None,
                                grad_grad_bias: Tensor | None, grad_out: Tensor, input: Tensor,
                                weight: Tensor | None, out: Tensor | None, mean: Tensor, var: Tensor,
-                               tasks: int, step: int, training: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+                               tasks: int, step: int, training: bool, eps: float,
+                               negative_slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """Twin of ``_batch_norm_double_backward``, by differentiating the reference twice.
 
     Returns (grad_grad_out, grad_input, grad_weight) as differentiable functions of every tensor
     argument (so a further derivative can be taken through it). ``out``: the forward output when
-    the LeakyReLU is fused (its sign fixes the slope), else None.
+    the activation is fused, else None; its sign fixes the slope (1 where out > 0, else
+    ``negative_slope``, which is read only when ``out`` is given).
     """
     C = input.shape[1] // tasks
     affine_shape = weight.shape if weight is not None else (C,)
     slope = None
     if out is not None:
+        _check_negative_slope(negative_slope)
         one = torch.ones((), dtype=input.dtype, device=input.device)
-        slope = torch.where(out > 0, one, one * 0.01).detach()
+        slope = torch.where(out > 0, one, one * negative_slope).detach()
     with torch.enable_grad():
         gy = _as_leaf_if_needed(grad_out)
         x = _as_leaf_if_needed(input)

@@ -7,15 +7,17 @@
 // Input x has shape (N, T*C, *spatial): channel g = t*C + c is channel c of task t. Each of the
 // G = T*C "groups" is normalised with its own statistics over its M = N*prod(spatial) elements:
 //   x^ = (x - mean_g) * invstd_g,  invstd_g = 1 / sqrt(var_g + eps)   (var biased)
-//   z  = gamma_g * x^ + beta_g,    y = z, or LeakyReLU(z) with slope 0.01 when fused.
+//   z  = gamma_g * x^ + beta_g,    y = z, or, with the activation fused, y = LeakyReLU_a(z) =
+//   (z > 0 ? z : a * z) for a negative slope a >= 0 (a = 0 is ReLU).
 // gamma_g is weight[c] for a shared (C,) affine and weight[t, c] for a per-task (T, C) one; in
 // both cases it is element g % A of the flattened weight, A = weight.numel().
 // Training mode takes (mean_g, var_g) from the batch; evaluation mode from row `step` of the
 // (S, C) running statistics (element [step, g % C]), which are then constants.
 //
-// With u = dy * a, where a = 1 (no activation) or a = (y > 0 ? 1 : 0.01) (the LeakyReLU slope,
-// read from the sign of the saved output: y > 0 <=> z > 0 for a positive slope; it is piecewise
-// constant, so it contributes nothing to higher derivatives), and the per-group sums
+// With u = dy * s, where s = 1 (no activation) or s = (y > 0 ? 1 : a) (the activation's slope,
+// read from the sign of the saved output: y > 0 <=> z > 0 for every a >= 0, which is why a < 0
+// is rejected; s is piecewise constant, so it contributes nothing to higher derivatives), and
+// the per-group sums
 //   S1 = sum(u),  Sud = sum(u * (x - mean)),  S2 = invstd * Sud = sum(u * x^),
 // the backward is (ATen's closed form, saved statistics treated as constants):
 //   training:   dx = gamma * invstd * (u - S1/M - x^ * S2/M)
@@ -24,11 +26,11 @@
 // The double backward receives upstream gradients Gx (of dx), Ggamma, Gbeta and needs also
 //   SG = sum(Gx), SGd = sum(Gx * (x - mean)), A = sum(Gx * u);  gbar = SG/M, c = invstd*SGd/M,
 //   P = A - S1*gbar - S2*c. In training mode (mean and invstd functions of x):
-//   grad_dy = a * (gamma*invstd*(Gx - gbar - x^ c) + Ggamma x^ + Gbeta)
+//   grad_dy = s * (gamma*invstd*(Gx - gbar - x^ c) + Ggamma x^ + Gbeta)
 //   grad_x  = e*(u - S1/M - x^ S2/M) - f*(Gx - gbar - x^ c) - gamma*invstd^2*(P/M)*x^,
 //             e = invstd*(Ggamma - gamma*invstd*c),  f = gamma*invstd^2*S2/M
 //   grad_gamma_g = invstd * P
-// and in evaluation mode grad_dy = a*(gamma*invstd*Gx + Ggamma x^ + Gbeta),
+// and in evaluation mode grad_dy = s*(gamma*invstd*Gx + Ggamma x^ + Gbeta),
 // grad_x = Ggamma*invstd*u, grad_gamma_g = invstd*A.
 // Every elementwise result is an affine function of the element's (u, Gx, x) with per-group
 // coefficients; the functions below form those coefficients once per group.
@@ -41,9 +43,6 @@
 
 namespace mamlpp {
 
-// Negative slope of the fused LeakyReLU (the network of SPEC section 2).
-constexpr double kBnLeakySlope = 0.01;
-
 template <typename T>
 C10_HOST_DEVICE inline T bn_invstd(T var, T eps) {
   // Correctly rounded sqrt and division on both devices: CPU and CUDA agree bit for bit.
@@ -54,17 +53,15 @@ C10_HOST_DEVICE inline T bn_invstd(T var, T eps) {
 #endif
 }
 
-// The fused activation and its (piecewise constant) derivative, read from the output's sign.
-// (Written as a select between z and slope * z, which is max(z, slope * z) for 0 < slope < 1,
-// so the CPU loops vectorise it without a branch.)
+// The fused activation, LeakyReLU with negative slope a >= 0 (ReLU for a = 0), and its
+// (piecewise constant) derivative, read from the sign of the output.
 template <typename T>
-C10_HOST_DEVICE inline T bn_leaky(T z) {
-  const T scaled = z * static_cast<T>(kBnLeakySlope);
-  return z > scaled ? z : scaled;
+C10_HOST_DEVICE inline T bn_leaky(T z, T slope) {
+  return z > T(0) ? z : z * slope;
 }
 template <typename T>
-C10_HOST_DEVICE inline T bn_leaky_slope(T out) {
-  return out > T(0) ? T(1) : static_cast<T>(kBnLeakySlope);
+C10_HOST_DEVICE inline T bn_leaky_slope(T out, T slope) {
+  return out > T(0) ? T(1) : slope;
 }
 
 // Forward: z = x * scale + shift.
@@ -102,7 +99,7 @@ C10_HOST_DEVICE inline BnBackwardCoeffs<T> bn_backward_coeffs(T mean, T invstd, 
   return {ku, kx, -ku * s1 * inv_m - kx * mean};
 }
 
-// Double backward: grad_dy = a * (p1 * Gx + p2 * x + p0),
+// Double backward: grad_dy = s * (p1 * Gx + p2 * x + p0),
 //                  grad_x  = qu * u + qg * Gx + qx * x + q0,
 //                  grad_gamma (this group's share) = dgamma.
 template <typename T>

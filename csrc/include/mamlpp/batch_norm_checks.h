@@ -50,6 +50,10 @@ void check_bn_batch_stats(const char* op, const char* name, const at::Tensor& t,
 void check_bn_stats(const char* op, bool training, const at::Tensor& mean, const at::Tensor& var,
                     const BnGeometry& geo, const at::Tensor& input, int64_t step);
 
+// Negative slope of the fused activation: finite and >= 0 (the backward ops read the slope from
+// the sign of the saved output, which is only right for a >= 0). nullopt (no activation) passes.
+void check_bn_negative_slope(const char* op, const std::optional<double>& negative_slope);
+
 // Shape of the affine gradients: weight's shape, or (C,) without affine.
 std::vector<int64_t> bn_affine_shape(const BnGeometry& geo,
                                      const std::optional<at::Tensor>& weight);
