@@ -82,14 +82,14 @@ def fail(root, run_dir):
     trainer = Trainer(cfg, run_dir, backend="batched", data=data, progress=False, tensorboard=False,
                       strategy=D.DistributedStrategy())
     if dist.get_rank() == 1:
-        real = trainer.learner.meta_step
+        real = trainer.learner.train_step
 
         def flaky(*a, **k):
             if trainer.iteration == 2:
                 raise RuntimeError("injected failure on rank 1")
             return real(*a, **k)
 
-        trainer.learner.meta_step = flaky
+        trainer.learner.train_step = flaky
     trainer.fit()
 
 

@@ -16,7 +16,12 @@ import torch.nn as nn
 
 import mamlpp_ext
 from mamlpp_ext.model import MAMLConfig, MAMLPlusPlus
-from mamlpp_ext.model.graph import HostSyncError, check_capturable
+from mamlpp_ext.model.graph import HostSyncError, check_capturable as _check
+
+
+def check_capturable(config, backend, epochs=(0,), network=None):
+    """The captured functions of a graph-mode learner of ``config``, run on the meta device."""
+    return _check(MAMLPlusPlus(config, backend=backend, device="meta", network=network, graph="check"), epochs)
 
 HAS_EXT = mamlpp_ext.has_extension()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="compiled mamlpp_ext extension not built")

@@ -248,16 +248,18 @@ def _adam_capturable_on_meta():
         adam._get_capturable_supported_devices = real
 
 
-def check_capturable(config, backend: str, epochs=(0,), eval_steps: Optional[int] = None, network=None) -> int:
+def check_capturable(learner, epochs=(0,), eval_steps: Optional[int] = None) -> int:
     """Run the functions graph mode captures — the training step at each of ``epochs`` (pick
-    epochs on both sides of the MSL end and the DA switch) and evaluation — on the ``meta`` device
-    under ``HostSyncGuard``, with a learner set up as graph mode sets it up. Raises
-    ``HostSyncError`` (or the meta device's own error) on any host read of device data. Returns
-    the number of ops run. Needs no GPU."""
-    from .meta_learner import MAMLPlusPlus
+    epochs on both sides of the MSL end and the DA switch) and evaluation with and without query
+    labels — under ``HostSyncGuard``. ``learner``: a ``MAMLPlusPlus`` on the ``meta`` device set
+    up as graph mode sets it up (``graph="check"``), so that any host read of device data raises
+    (``HostSyncError``, or the meta device's own error). Returns the number of ops run. Needs no
+    GPU."""
     from .schedules import epoch_plan
 
-    learner = MAMLPlusPlus(config, backend=backend, device="meta", network=network, graph="check")
+    if learner.device.type != "meta":
+        raise ValueError(f"check_capturable needs a learner on the meta device, got {learner.device}")
+    config = learner.config
     runner = GraphRunner(learner, capture=False)
     T = config.meta_batch
     shape = config.image_shape
