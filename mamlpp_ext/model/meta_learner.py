@@ -384,13 +384,18 @@ class MAMLPlusPlus:
         n_lr, n_w = lslr.shape[1], cfg.inner_steps if cfg.per_step_bn_weights else 1
         forward = self.net.forward
 
+        # The rows of the BN γ/β tables, split once: the backward then stacks each table's row
+        # gradients in one op instead of scattering every use into a zero table.
+        w_rows = [None if t is None else t.unbind(0) for t in bn_w]
+        b_rows = [None if t is None else t.unbind(0) for t in bn_b]
+
         def run(x: Tensor, fast_w: list[Tensor], step: int) -> Tensor:
             if adapt_affine:
                 gammas, betas = fast_w[K::2], fast_w[K + 1::2]
             else:
                 r = min(step, n_w - 1)
-                gammas = [None if t is None else t[r] for t in bn_w]
-                betas = [None if t is None else t[r] for t in bn_b]
+                gammas = [None if t is None else t[r] for t in w_rows]
+                betas = [None if t is None else t[r] for t in b_rows]
             bn = self._batch_norm(T, step, training, gammas, betas)
             return forward(x, fast_w[:K] if adapt_affine else fast_w, bn)
 
