@@ -214,8 +214,12 @@ def test_scale_and_dot_gradgradcheck(device):
           torch.randn(3, 2, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()]
     ys = [torch.randn_like(x).requires_grad_() for x in xs]
     lrs = torch.randn(2, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    scale = lambda a, b, r: tuple(OPS._lslr_scale([a, b], r, 1, -0.5))
-    dot = lambda a, b, c, d: OPS._lslr_dot([a, b], [c, d], lrs.detach(), 2, 1.5)
+    def scale(a, b, r):
+        return tuple(OPS._lslr_scale([a, b], r, 1, -0.5))
+
+    def dot(a, b, c, d):
+        return OPS._lslr_dot([a, b], [c, d], lrs.detach(), 2, 1.5)
+
     assert torch.autograd.gradcheck(scale, (*xs, lrs))
     assert torch.autograd.gradgradcheck(scale, (*xs, lrs))
     assert torch.autograd.gradcheck(dot, (*xs, *ys))
@@ -291,7 +295,10 @@ def _ag_case(device, seed, T=3, S=4, broadcast=(0, 3)):
     """float64 inputs: theta leaves (params[k] = theta[k].expand(T, ...) for k in `broadcast`,
     a dense leaf otherwise), grads and rates, all requiring grad, fresh random values."""
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
     leaves = [rnd(*s) if k in broadcast else rnd(T, *s) for k, s in enumerate(_AG_SHAPES)]
     grads = [rnd(T, *s) for s in _AG_SHAPES]
     lrs = rnd(len(_AG_SHAPES), S)
@@ -496,7 +503,10 @@ def test_third_order_matches_reference(device, seed):
 @pytest.mark.parametrize("device", DEVICES)
 def test_scale_and_dot_third_order_match_reference(device):
     g = torch.Generator().manual_seed(32)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
     xs, ys, lrs = [rnd(3, 4), rnd(3, 2, 2), rnd(2)], [rnd(3, 4), rnd(3, 2, 2), rnd(2)], rnd(3, 5)
 
     def orders(scale, dot):
