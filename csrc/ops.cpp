@@ -1,7 +1,8 @@
 // Every operator schema of mamlpp_ext, in one TORCH_LIBRARY block, with its semantics.
 // Kernels live per device (csrc/cpu, csrc/cuda) and register in TORCH_LIBRARY_IMPL blocks there;
-// fake kernels and autograd formulas are registered from Python (mamlpp_ext/ops.py); the
-// pure-PyTorch twin of each op is in mamlpp_ext/reference.py.
+// fake kernels are registered from Python (mamlpp_ext/ops/); autograd kernels in C++ at the
+// Autograd key (csrc/autograd/; the LSLR family's in lslr_autograd.cpp) or from Python
+// (mamlpp_ext/ops/); the pure-PyTorch twin of each op is in mamlpp_ext/ops/reference.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -34,7 +35,8 @@ TORCH_LIBRARY(mamlpp_ext, m) {
   //     params[k] may be task-broadcast (theta0[k].expand(T, ...), stride 0 in dim 0).
   //   lrs: (K, S) rates, dtype of params or float32; 0 <= step < S.
   //   returns K new dense tensors: params[k] - lrs[k, step] * grads[k] (arithmetic in opmath).
-  //   Differentiable w.r.t. params, grads and lrs to any order (see NOTE [LSLR op family]).
+  //   Differentiable w.r.t. params, grads and lrs to any order (see NOTE [LSLR op family]);
+  //   autograd of the family: csrc/autograd/lslr_autograd.cpp.
   m.def("lslr_update(Tensor[] params, Tensor[] grads, Tensor lrs, int step) -> Tensor[]");
   // _lslr_scale: [alpha * lrs[k, step] * xs[k]]; the derivative of lslr_update w.r.t. grads.
   m.def("_lslr_scale(Tensor[] xs, Tensor lrs, int step, float alpha) -> Tensor[]");

@@ -214,8 +214,12 @@ def test_scale_and_dot_gradgradcheck(device):
           torch.randn(3, 2, 2, generator=g, dtype=torch.float64).to(device).requires_grad_()]
     ys = [torch.randn_like(x).requires_grad_() for x in xs]
     lrs = torch.randn(2, 3, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    scale = lambda a, b, r: tuple(OPS._lslr_scale([a, b], r, 1, -0.5))
-    dot = lambda a, b, c, d: OPS._lslr_dot([a, b], [c, d], lrs.detach(), 2, 1.5)
+    def scale(a, b, r):
+        return tuple(OPS._lslr_scale([a, b], r, 1, -0.5))
+
+    def dot(a, b, c, d):
+        return OPS._lslr_dot([a, b], [c, d], lrs.detach(), 2, 1.5)
+
     assert torch.autograd.gradcheck(scale, (*xs, lrs))
     assert torch.autograd.gradgradcheck(scale, (*xs, lrs))
     assert torch.autograd.gradcheck(dot, (*xs, *ys))
@@ -276,6 +280,276 @@ def test_maml_second_order_matches_reference(device):
     for a, e in zip(fused, refd):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
     assert fused[3].abs().sum() > 0  # the rates do receive gradient
+
+
+# ------------------------------------------------------------------------------------------------
+# The C++ autograd (csrc/autograd/lslr_autograd.cpp): undefined output gradients, mixed
+# requires_grad, saved tensors, third order (NOTE [LSLR autograd: lists, undefined gradients,
+# saved tensors])
+# ------------------------------------------------------------------------------------------------
+
+_AG_SHAPES = [(2, 3), (5,), (), (4, 1), (3,)]
+
+
+def _ag_case(device, seed, T=3, S=4, broadcast=(0, 3)):
+    """float64 inputs: theta leaves (params[k] = theta[k].expand(T, ...) for k in `broadcast`,
+    a dense leaf otherwise), grads and rates, all requiring grad, fresh random values."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    leaves = [rnd(*s) if k in broadcast else rnd(T, *s) for k, s in enumerate(_AG_SHAPES)]
+    grads = [rnd(T, *s) for s in _AG_SHAPES]
+    lrs = rnd(len(_AG_SHAPES), S)
+    return leaves, grads, lrs
+
+
+def _params_of(leaves, T=3, broadcast=(0, 3)):
+    return [x.expand(T, *x.shape) if k in broadcast else x for k, x in enumerate(leaves)]
+
+
+def _assert_grads_equal(actual, expected, **tol):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert (a is None) == (e is None), f"gradient {i}: {a is None} vs {e is None}"
+        if a is not None:
+            torch.testing.assert_close(a, e, **(tol or dict(rtol=1e-12, atol=1e-12)))
+
+
+def _weights(outs, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in outs]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("used", [(1, 3, 4), (0, 1), (2,), (0, 1, 2, 3, 4), ()],
+                         ids=["gaps", "head", "middle", "all", "none"])
+def test_undefined_output_gradients(device, used):
+    """Outputs the loss does not use send undefined gradients: the gradients of every input,
+    first and second order, equal the reference's (None where the reference's is None)."""
+    leaves, grads, lrs = _ag_case(device, seed=20)
+    inputs = leaves + grads + [lrs]
+
+    def grads_of(update):
+        out = update(_params_of(leaves), grads, lrs, 2)
+        w = _weights(out, 21)
+        loss = sum(((out[k] * w[k]).sin() * out[k]).sum() for k in used) + 0 * lrs.sum()
+        first = torch.autograd.grad(loss, inputs, create_graph=True, allow_unused=True)
+        loss2 = sum((f * f).sum() for f in first if f is not None and f.requires_grad)
+        second = torch.autograd.grad(loss2, inputs, allow_unused=True) if torch.is_tensor(loss2) else ()
+        return first, second
+
+    (f1, s1), (f2, s2) = grads_of(ops.lslr_update), grads_of(ref.lslr_update)
+    _assert_grads_equal([x.detach() if x is not None else None for x in f1],
+                        [x.detach() if x is not None else None for x in f2])
+    _assert_grads_equal(s1, s2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_undefined_output_gradients_gradcheck(device):
+    """gradcheck/gradgradcheck of a function that returns only some outputs of each op (so the
+    others' gradients are undefined at every order), with broadcast params."""
+    leaves, grads, lrs = _ag_case(device, seed=22)
+    n = len(leaves)
+
+    def update(*args):
+        out = ops.lslr_update(_params_of(args[:n]), list(args[n:2 * n]), args[2 * n], 1)
+        return out[1], out[3], out[4]
+
+    def scale(*args):
+        out = OPS._lslr_scale(list(args[:n]), args[n], 3, -0.5)
+        return out[0], out[2]
+
+    def dot(*args):
+        return OPS._lslr_dot([args[0], args[2]], [args[1], args[3]], lrs.detach()[:2], 0, 1.5)
+
+    inputs = (*leaves, *grads, lrs)
+    assert torch.autograd.gradcheck(update, inputs)
+    assert torch.autograd.gradgradcheck(update, inputs)
+    assert torch.autograd.gradcheck(scale, (*grads, lrs))
+    assert torch.autograd.gradgradcheck(scale, (*grads, lrs))
+    dot_in = (grads[0], torch.randn_like(grads[0]).requires_grad_(), grads[4], torch.randn_like(grads[4]))
+    assert torch.autograd.gradcheck(dot, dot_in)
+    assert torch.autograd.gradgradcheck(dot, dot_in)
+
+
+def _record_ops(fn):
+    """Names of the ops that `fn` dispatches below autograd (the kernels that run)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            names.append(str(func.overloadpacket).split("::")[-1].split(".")[-1])
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return names
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_undefined_output_gradients_create_no_weight_sized_zeros(device):
+    """No zeros tensor shaped like a weight is created for an unused output: the ops run on the
+    sub-list of the used outputs; only (rows, S) pieces of the rates' gradient are zero-filled."""
+    leaves, grads, lrs = _ag_case(device, seed=23)
+    S = lrs.shape[1]
+    out = ops.lslr_update(_params_of(leaves), grads, lrs, 1)
+    loss = (out[1] * 2).sum() + out[3].sum()
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    filled = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            r = func(*args, **(kwargs or {}))
+            if name in ("zeros", "zeros_like", "new_zeros", "zero_", "fill_", "full", "full_like"):
+                filled.append(tuple((r if torch.is_tensor(r) else args[0]).shape))
+            return r
+
+    with Record():
+        torch.autograd.grad(loss, leaves + grads + [lrs], allow_unused=True)
+    assert filled, "expected the (K, S)-sized zero fills of the rates' gradient"
+    assert all(len(s) == 2 and s[1] == S and s[0] <= len(leaves) for s in filled), filled
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("needs", ["params", "grads", "lrs", "params+lrs", "some-elements"])
+def test_mixed_requires_grad(device, needs):
+    """Only the inputs that require grad get a gradient; the derivatives of the others are not
+    computed (no _lslr_scale / _lslr_dot runs for them) and their operands are not saved."""
+    g = torch.Generator().manual_seed(24)
+    T, S, K = 3, 4, len(_AG_SHAPES)
+    theta = [torch.randn(s, generator=g, dtype=torch.float64).to(device) for s in _AG_SHAPES]
+    grads = [torch.randn(T, *s, generator=g, dtype=torch.float64).to(device) for s in _AG_SHAPES]
+    lrs = torch.randn(K, S, generator=g, dtype=torch.float64).to(device)
+    rg_theta = {"params": range(K), "params+lrs": range(K), "some-elements": (1, 2)}.get(needs, ())
+    rg_grads = {"grads": range(K), "some-elements": (0, 2, 4)}.get(needs, ())
+    for k in rg_theta:
+        theta[k].requires_grad_()
+    for k in rg_grads:
+        grads[k].requires_grad_()
+    lrs.requires_grad_("lrs" in needs)
+    wanted = ([theta[k] for k in rg_theta] + [grads[k] for k in rg_grads] + ([lrs] if lrs.requires_grad else []))
+
+    def run(update):
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            out = update([t.expand(T, *t.shape) for t in theta], grads, lrs, 1)
+        w = _weights(out, 25)
+        loss = sum((o * wk).sum() for o, wk in zip(out, w))
+        ran = _record_ops(lambda: torch.autograd.grad(loss, wanted))
+        return torch.autograd.grad(sum((o * wk).sum() for o, wk in zip(update(
+            [t.expand(T, *t.shape) for t in theta], grads, lrs, 1), w)), wanted), packed, ran, out
+
+    fused, packed, ran, out = run(ops.lslr_update)
+    expected = torch.autograd.grad(sum((o * wk).sum() for o, wk in zip(ref.lslr_update(
+        [t.expand(T, *t.shape) for t in theta], grads, lrs, 1), _weights(out, 25))), wanted)
+    _assert_grads_equal(fused, expected)
+    assert all(o.requires_grad for o in out)
+    # Derivatives computed: d grads is one _lslr_scale, d lrs one _lslr_dot, d params none.
+    assert ran.count("_lslr_scale") == (1 if rg_grads else 0), ran
+    assert ran.count("_lslr_dot") == (1 if lrs.requires_grad else 0), ran
+    # Saved: the rates when grads or rates need a gradient; grads only when the rates do.
+    n_saved = (1 if (rg_grads or lrs.requires_grad) else 0) + (K if lrs.requires_grad else 0)
+    assert len(packed) == n_saved, (needs, len(packed))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_graph_without_grad(device):
+    leaves, grads, lrs = _ag_case(device, seed=26)
+    with torch.no_grad():
+        out = ops.lslr_update(_params_of(leaves), grads, lrs, 0)
+    assert all(o.grad_fn is None and not o.requires_grad for o in out)
+    plain = [g.detach() for g in grads]
+    out = OPS._lslr_scale(plain, lrs.detach(), 1, 2.0)
+    assert all(not o.requires_grad for o in out)
+    # `like` lends only its shape: a like that requires grad does not make the result require it.
+    assert not OPS._lslr_dot(plain, plain, lrs, 1, 2.0).requires_grad
+    d = OPS._lslr_dot(grads, plain, lrs, 1, 2.0)
+    assert d.requires_grad
+    assert torch.autograd.grad(d.sum(), [lrs, grads[0]], allow_unused=True)[0] is None
+
+
+def _third_order(update, inputs, n, step, seed):
+    """Gradients of order 1, 2 and 3 of a non-polynomial loss of update(params, grads, lrs)."""
+    leaves, grads, lrs = inputs[:n], inputs[n:2 * n], inputs[2 * n]
+    out = update(_params_of(leaves), list(grads), lrs, step)
+    w = _weights(out, seed)
+    loss = sum((torch.tanh(o * wk) * o * o).sum() for o, wk in zip(out, w))
+    g1 = torch.autograd.grad(loss, inputs, create_graph=True)
+    v = _weights(g1, seed + 1)
+    g2 = torch.autograd.grad(sum((a * b).sum() for a, b in zip(g1, v)), inputs, create_graph=True)
+    u = _weights(g2, seed + 2)
+    g3 = torch.autograd.grad(sum((a * b).sum() for a, b in zip(g2, u)), inputs, allow_unused=True)
+    return [x.detach() for x in g1], [x.detach() for x in g2], list(g3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [30, 31])
+def test_third_order_matches_reference(device, seed):
+    leaves, grads, lrs = _ag_case(device, seed=seed)
+    inputs = (*leaves, *grads, lrs)
+    fused = _third_order(ops.lslr_update, inputs, len(leaves), 3, seed)
+    expected = _third_order(ref.lslr_update, inputs, len(leaves), 3, seed)
+    for a, e in zip(fused, expected):
+        _assert_grads_equal(a, e, rtol=1e-10, atol=1e-12)
+    assert fused[2][-1].abs().sum() > 0  # third-order gradient of the rates is not trivially zero
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_scale_and_dot_third_order_match_reference(device):
+    g = torch.Generator().manual_seed(32)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64).to(device).requires_grad_()
+
+    xs, ys, lrs = [rnd(3, 4), rnd(3, 2, 2), rnd(2)], [rnd(3, 4), rnd(3, 2, 2), rnd(2)], rnd(3, 5)
+
+    def orders(scale, dot):
+        inputs = xs + ys + [lrs]
+        s = scale(xs, lrs, 2, -0.75)
+        d = dot(s, ys, lrs, 4, 1.25)  # a dot of a scale: both ops at every order
+        loss = (torch.sin(d) * d).sum() + sum((torch.cos(a) * a).sum() for a in s)
+        g1 = torch.autograd.grad(loss, inputs, create_graph=True)
+        g2 = torch.autograd.grad(sum((a * a).sum() for a in g1), inputs, create_graph=True)
+        g3 = torch.autograd.grad(sum((a.sin()).sum() for a in g2), inputs, allow_unused=True)
+        return [x.detach() for x in g1 + g2] + list(g3)
+
+    fused = orders(OPS._lslr_scale, OPS._lslr_dot)
+    expected = orders(ref.lslr_scale, ref.lslr_dot)
+    _assert_grads_equal(fused, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_mixed_requires_grad(device):
+    params, grads, lrs = make_case([(3, 4), (5,), (2, 2, 2)], T=3, device=device, seed=33)
+    params[1].requires_grad_()
+    grads[2].requires_grad_()
+    torch.library.opcheck(OPS.lslr_update, (params, grads, lrs, 1))
+    torch.library.opcheck(OPS.lslr_update, (params, [g.detach() for g in grads], lrs.requires_grad_(), 2))
+    torch.library.opcheck(OPS._lslr_scale, (grads, lrs.detach(), 2, -1.0))
+    torch.library.opcheck(OPS._lslr_dot, (params, [g.detach() for g in grads], lrs.detach(), 0, 2.0))
+
+
+def test_torch_compile_with_backward():
+    """A compiled (aot_eager, fullgraph) update + loss, differentiated through the C++ autograd."""
+    leaves, grads, lrs = _ag_case("cpu", seed=34)
+    inputs = leaves + grads + [lrs]
+
+    def step(update):
+        def f(leaves, grads, lrs):
+            out = update(_params_of(leaves), grads, lrs, 2)
+            return sum((torch.tanh(o) * o).sum() for o in out)
+        return f
+
+    compiled = torch.compile(step(ops.lslr_update), fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(leaves, grads, lrs), inputs)
+    want = torch.autograd.grad(step(ref.lslr_update)(leaves, grads, lrs), inputs)
+    _assert_grads_equal(got, want)
 
 
 # ------------------------------------------------------------------------------------------------
