@@ -1,7 +1,8 @@
 // Every operator schema of mamlpp_ext, in one TORCH_LIBRARY block, with its semantics.
 // Kernels live per device (csrc/cpu, csrc/cuda) and register in TORCH_LIBRARY_IMPL blocks there;
-// fake kernels and autograd formulas are registered from Python (mamlpp_ext/ops.py); the
-// pure-PyTorch twin of each op is in mamlpp_ext/reference.py.
+// fake kernels are registered from Python (mamlpp_ext/ops/); autograd kernels from C++
+// (csrc/autograd/, for the batch norm ops but _batch_norm_double_backward) or from Python
+// (mamlpp_ext/ops/); the pure-PyTorch twin of each op is in mamlpp_ext/ops/reference.py.
 #include <Python.h>
 #include <torch/library.h>
 
