@@ -131,7 +131,8 @@ def run(args) -> list[dict]:
                 rows.append({
                     "fused_GBps": None if moved is None else moved / fused_t / 1e9,
                     "bench": "batchnorm", "case": name, "N": N, "T": T, "C": C, "H": H, "elements": numel,
-                    "negative_slope": slope, "pass": pass_name, "device": str(device), "dtype": str(dtype).split(".")[-1],
+                    "negative_slope": slope, "pass": pass_name, "device": str(device),
+                    "dtype": str(dtype).split(".")[-1],
                     "plain_ms": plain_t * 1e3, "fused_ms": fused_t * 1e3, "speedup": plain_t / fused_t,
                     "runs": result["fused"]["runs"], "threads": torch.get_num_threads(),
                 })
