@@ -1,7 +1,7 @@
 // Every operator schema of mamlpp_ext, in one TORCH_LIBRARY block, with its semantics.
 // Kernels live per device (csrc/cpu, csrc/cuda) and register in TORCH_LIBRARY_IMPL blocks there;
-// fake kernels are registered from Python (mamlpp_ext/ops/); autograd kernels from C++
-// (csrc/autograd/, for the batch norm ops but _batch_norm_double_backward) or from Python
+// fake kernels are registered from Python (mamlpp_ext/ops/); autograd kernels in C++ at the
+// Autograd key (csrc/autograd/; the LSLR family's in lslr_autograd.cpp) or from Python
 // (mamlpp_ext/ops/); the pure-PyTorch twin of each op is in mamlpp_ext/ops/reference.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -49,7 +49,9 @@ TORCH_LIBRARY(mamlpp_ext, m) {
   // of task t; any memory layout (channels_last and other strided inputs are read through a
   // contiguous copy); outputs are contiguous. weight/bias: both None, both (C,) (shared by the
   // tasks: the caller passes row `step` of the (S, C) BNWB tables) or both (T, C) (per task).
-  // Statistics are float32 (float64 for float64 input); reductions are deterministic.
+  // Statistics are float32 (float64 for float64 input); reductions are deterministic. Autograd of
+  // the family: csrc/autograd/batch_norm_autograd.cpp (_batch_norm_double_backward's in Python,
+  // mamlpp_ext/ops/batch_norm.py).
   //
   // negative_slope (forwards): None, no activation; a finite a >= 0, out is the fused
   //   LeakyReLU_a(bn(x)) = (z > 0 ? z : a * z) (a = 0: ReLU). a < 0 is rejected: the backward
