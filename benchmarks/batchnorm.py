@@ -11,6 +11,12 @@ Passes: ``fwd`` (no graph), ``fwd+bwd`` (grads of input, weight, bias), ``fwd+bw
 with create_graph, then the gradient of a function of those grads w.r.t. input, weight and the
 upstream gradient: the second-order MAML pattern).
 Run through ``benchmarks/inner_loop.py --what batchnorm`` or directly.
+
+``--bn-host`` measures the host side instead: Python function calls (cProfile) and time per call of
+``task_batch_norm`` on a tiny tensor (3, 2*4, 4, 4) with LeakyReLU, for the same three passes, where
+the kernels cost little and the dispatch and autograd around them is what is timed. Calls are
+counted in total and in the layers that run per op call (``mamlpp_ext/ops``, ``torch/_library``,
+``torch/_ops.py``, ``torch/autograd/function.py``); the rest is ``torch.autograd.grad`` itself.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-no-large", action="store_true", help="skip the large (N=256, 56x56) shape")
     g.add_argument("--bn-threads", type=int, default=None,
                    help="CPU threads for both paths (torch.set_num_threads; default: torch's)")
+    g.add_argument("--bn-host", action="store_true",
+                   help="host side: Python calls and time per call on a tiny tensor (see the docstring)")
 
 
 def fused_bytes(numel: int, elem_size: int, pass_name: str, activation: bool) -> int | None:
@@ -123,7 +131,8 @@ def run(args) -> list[dict]:
                 rows.append({
                     "fused_GBps": None if moved is None else moved / fused_t / 1e9,
                     "bench": "batchnorm", "case": name, "N": N, "T": T, "C": C, "H": H, "elements": numel,
-                    "negative_slope": slope, "pass": pass_name, "device": str(device), "dtype": str(dtype).split(".")[-1],
+                    "negative_slope": slope, "pass": pass_name, "device": str(device),
+                    "dtype": str(dtype).split(".")[-1],
                     "plain_ms": plain_t * 1e3, "fused_ms": fused_t * 1e3, "speedup": plain_t / fused_t,
                     "runs": result["fused"]["runs"], "threads": torch.get_num_threads(),
                 })
@@ -135,6 +144,50 @@ def run(args) -> list[dict]:
             r["pct_of_copy_bw"] = None if r["fused_GBps"] is None else 100 * r["fused_GBps"] / bw
     return rows
 
+
+HOST_LAYERS = ("mamlpp_ext/ops/", "torch/_library/", "torch/_ops.py", "torch/autograd/function.py")
+
+
+def host_rows(args) -> list[dict]:
+    """Python calls and host time per task_batch_norm call (tiny tensor, 1 thread), per pass."""
+    import cProfile
+    import pstats
+
+    import mamlpp_ext
+
+    mamlpp_ext.require_extension("the batchnorm host benchmark")
+    from mamlpp_ext import ops
+
+    torch.set_num_threads(1)
+    N, T, C, H = 3, 2, 4, 4
+    x, w, b, gy = _make(N, T, C, H, args.device, torch.float32)
+    rm = torch.zeros(5, C, device=args.device)
+    rv = torch.ones_like(rm)
+    calls_per_sample = 100
+    rows = []
+    for pass_name in PASSES:
+        fn = _callable(ops.task_batch_norm, pass_name, x, w, b, gy, T, 0.01, rm, rv)
+        for _ in range(20):
+            fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls_per_sample):
+            fn()
+        prof.disable()
+        stats = pstats.Stats(prof).stats  # {(file, line, name): (prim calls, calls, ...)}
+        total = sum(v[1] for v in stats.values())
+        layers = sum(v[1] for k, v in stats.items() if any(part in k[0] for part in HOST_LAYERS))
+        result = timing.interleaved_medians({"fused": fn}, args.device, 10 if args.quick else 200)
+        rows.append({"bench": "batchnorm-host", "pass": pass_name, "N": N, "T": T, "C": C, "H": H,
+                     "negative_slope": 0.01, "device": str(args.device), "threads": 1,
+                     "python_calls_per_call": total / calls_per_sample,
+                     "op_layer_calls_per_call": layers / calls_per_sample,
+                     "host_us_per_call": result["fused"]["median"] * 1e6, "runs": result["fused"]["runs"]})
+    return rows
+
+
+HOST_COLUMNS = [("pass", "pass", ""), ("python_calls_per_call", "Python calls", ".1f"),
+                ("op_layer_calls_per_call", "in op layers", ".1f"), ("host_us_per_call", "us per call", ".1f")]
 
 COLUMNS = [("case", "case", ""), ("N", "N", "d"), ("T", "T", "d"), ("negative_slope", "slope", ""),
            ("pass", "pass", ""), ("plain_ms", "plain ms", ".3f"), ("fused_ms", "fused ms", ".3f"),
@@ -149,10 +202,10 @@ def main(argv=None):
     parser.add_argument("--json", default=None, metavar="PATH", help="write the rows and the machine to PATH")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    rows = run(args)
+    rows = host_rows(args) if args.bn_host else run(args)
     machine = timing.machine(args.device)
-    print(f"# batchnorm benchmark on {machine}")
-    timing.print_table(rows, COLUMNS)
+    print(f"# batchnorm {'host ' if args.bn_host else ''}benchmark on {machine}")
+    timing.print_table(rows, HOST_COLUMNS if args.bn_host else COLUMNS)
     if args.json:
         import sys
 

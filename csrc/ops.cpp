@@ -50,7 +50,9 @@ TORCH_LIBRARY(mamlpp_ext, m) {
   // of task t; any memory layout (channels_last and other strided inputs are read through a
   // contiguous copy); outputs are contiguous. weight/bias: both None, both (C,) (shared by the
   // tasks: the caller passes row `step` of the (S, C) BNWB tables) or both (T, C) (per task).
-  // Statistics are float32 (float64 for float64 input); reductions are deterministic.
+  // Statistics are float32 (float64 for float64 input); reductions are deterministic. Autograd of
+  // the family: csrc/autograd/batch_norm_autograd.cpp (_batch_norm_double_backward's in Python,
+  // mamlpp_ext/ops/batch_norm.py).
   //
   // negative_slope (forwards): None, no activation; a finite a >= 0, out is the fused
   //   LeakyReLU_a(bn(x)) = (z > 0 ? z : a * z) (a = 0: ReLU). a < 0 is rejected: the backward

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import mamlpp_ext
 
@@ -56,7 +55,8 @@ def test_error_messages_with_numbers_raise_in_a_child_process():
     """Bad calls whose messages format integers raise RuntimeError; run in a child process so
     that a crash is reported as this test's failure instead of ending the test session."""
     out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, f"child ended with {out.returncode} (negative: killed by that signal)\n{out.stderr[-2000:]}"
+    assert out.returncode == 0, (f"child ended with {out.returncode} (negative: killed by that signal)\n"
+                                 f"{out.stderr[-2000:]}")
     lines = out.stdout.splitlines()
     assert len(lines) == 3 and all(ln.startswith("raised: mamlpp_ext.") for ln in lines), out.stdout
     assert "but got 2 and 1" in lines[0] and "step=7" in lines[1] and "tasks=0" in lines[2], out.stdout

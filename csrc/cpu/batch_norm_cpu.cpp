@@ -10,12 +10,12 @@
 // every result is independent of the thread count. Per-group functions are compiled for
 // x86-64-v4 (AVX-512), x86-64-v3 (AVX2+FMA) and baseline x86-64 and picked at load time by ISA
 // level (target_clones; an arch=<cpu model> clone is never picked on other vendors' CPUs). The
-// arithmetic is in mamlpp/batch_norm.h, shared with the CUDA kernels.
+// arithmetic is in mamlpp/batch_norm.h, and the argument checks, operands and dtype/flag dispatch
+// in mamlpp/batch_norm_checks.h, both shared with the CUDA kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -356,56 +356,46 @@ void parallel_groups(const BnGeometry& geo, const Fn& fn) {
   });
 }
 
-// Per-group affine values as float64 (1 without affine), element g % A of the flat weight.
+// Per-group affine values as float64 (`fill` without affine), element g % A of the flat
+// (contiguous) weight.
 std::vector<double> group_affine(const std::optional<at::Tensor>& t, const BnGeometry& geo,
                                  double fill) {
   std::vector<double> out(geo.groups, fill);
-  if (!(t.has_value() && t->defined())) return out;
-  const at::Tensor c = t->contiguous();
-  const int64_t a = c.numel();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "group_affine", [&] {
-    const scalar_t* p = c.const_data_ptr<scalar_t>();
+  if (!t) return out;
+  const int64_t a = t->numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "group_affine", [&] {
+    const scalar_t* p = t->const_data_ptr<scalar_t>();
     for (int64_t g = 0; g < geo.groups; ++g) out[g] = static_cast<double>(p[g % a]);
   });
   return out;
 }
 
-// Per-group statistics as float64: element [row * K + g % K] of a (rows, K) table.
-void group_stats(const at::Tensor& mean, const at::Tensor& var, const BnGeometry& geo,
-                 bool training, int64_t step, std::vector<double>* m, std::vector<double>* v) {
-  m->resize(geo.groups);
-  v->resize(geo.groups);
-  const at::Tensor mc = mean.contiguous(), vc = var.contiguous();
-  const int64_t k = training ? geo.groups : mc.size(1);
-  const int64_t row = training ? 0 : step;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, mc.scalar_type(), "group_stats", [&] {
-    const scalar_t* pm = mc.const_data_ptr<scalar_t>();
-    const scalar_t* pv = vc.const_data_ptr<scalar_t>();
-    for (int64_t g = 0; g < geo.groups; ++g) {
-      (*m)[g] = static_cast<double>(pm[row * k + g % k]);
-      (*v)[g] = static_cast<double>(pv[row * k + g % k]);
+// Per-group statistics as float64 (BnArgs::mean / var, opmath dtype, with its indexing).
+void group_stats(const BnArgs& args, std::vector<double>* m, std::vector<double>* v) {
+  m->resize(args.geo.groups);
+  v->resize(args.geo.groups);
+  AT_DISPATCH_FLOATING_TYPES(args.mean.scalar_type(), "group_stats", [&] {
+    const scalar_t* pm = args.mean.const_data_ptr<scalar_t>() + args.stats_offset;
+    const scalar_t* pv = args.var.const_data_ptr<scalar_t>() + args.stats_offset;
+    for (int64_t g = 0; g < args.geo.groups; ++g) {
+      (*m)[g] = static_cast<double>(pm[g % args.stats_period]);
+      (*v)[g] = static_cast<double>(pv[g % args.stats_period]);
     }
   });
 }
 
 // Folds per-group values into the affine-gradient shape: sum over tasks (in task order) for a
 // shared (C,) affine, one value per group for a per-task (T, C) one.
-at::Tensor fold_affine(const std::vector<double>& per_group, const BnGeometry& geo,
-                       const std::optional<at::Tensor>& weight, const at::Tensor& input) {
-  at::Tensor out = at::empty(bn_affine_shape(geo, weight), input.options());
+at::Tensor fold_affine(const std::vector<double>& per_group, const BnArgs& args) {
+  at::Tensor out = at::empty(args.affine_shape, args.input.options());
   const int64_t a = out.numel();
   std::vector<double> acc(a, 0.0);
-  for (int64_t g = 0; g < geo.groups; ++g) acc[g % a] += per_group[g];
+  for (int64_t g = 0; g < args.geo.groups; ++g) acc[g % a] += per_group[g];
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fold_affine", [&] {
     scalar_t* p = out.mutable_data_ptr<scalar_t>();
     for (int64_t i = 0; i < a; ++i) p[i] = static_cast<scalar_t>(acc[i]);
   });
   return out;
-}
-
-std::optional<at::Tensor> defined_or_none(const std::optional<at::Tensor>& t) {
-  if (t.has_value() && t->defined()) return t;
-  return std::nullopt;
 }
 
 at::Tensor stats_tensor(const std::vector<double>& v, const at::Tensor& input) {
@@ -420,26 +410,22 @@ at::Tensor stats_tensor(const std::vector<double>& v, const at::Tensor& input) {
 
 BnLayout layout_of(const BnGeometry& geo) { return {geo.batch, geo.groups, geo.inner}; }
 
-// Shared body of the two forwards.
-at::Tensor forward_impl(const at::Tensor& x, const BnGeometry& geo,
-                        const std::vector<double>& gamma, const std::vector<double>& beta,
-                        bool training, double eps, const std::optional<double>& negative_slope,
-                        std::vector<double>* mean, std::vector<double>* var) {
-  const bool leaky = negative_slope.has_value();
-  const double slope = negative_slope.value_or(1.0);
+// Shared body of the two forwards: statistics from the batch (training; written to mean, var)
+// or read from mean, var (evaluation), then out = act(x * scale + shift).
+at::Tensor forward_impl(const BnArgs& args, std::vector<double>* mean, std::vector<double>* var) {
+  const at::Tensor& x = args.input;
   at::Tensor out = at::empty(x.sizes(), x.options());
-  const BnLayout L = layout_of(geo);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_cpu", [&] {
+  const auto gamma = group_affine(args.weight, args.geo, 1.0);
+  const auto beta = group_affine(args.bias, args.geo, 0.0);
+  const BnLayout L = layout_of(args.geo);
+  bn_dispatch(x.scalar_type(), args.activation, [&](auto type, auto act) {
+    using scalar_t = typename decltype(type)::type;
     const scalar_t* px = x.const_data_ptr<scalar_t>();
     scalar_t* po = out.mutable_data_ptr<scalar_t>();
-    parallel_groups(geo, [&](int64_t g) {
-      if (leaky) {
-        forward_group<scalar_t, true>(po, px, L, g, training, eps, gamma[g], beta[g], slope,
-                                      &(*mean)[g], &(*var)[g]);
-      } else {
-        forward_group<scalar_t, false>(po, px, L, g, training, eps, gamma[g], beta[g], slope,
-                                       &(*mean)[g], &(*var)[g]);
-      }
+    parallel_groups(args.geo, [&](int64_t g) {
+      forward_group<scalar_t, decltype(act)::value>(po, px, L, g, args.training, args.eps,
+                                                     gamma[g], beta[g], args.negative_slope,
+                                                     &(*mean)[g], &(*var)[g]);
     });
   });
   return out;
@@ -451,15 +437,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t tasks, double eps,
     std::optional<double> negative_slope) {
-  constexpr const char* op = "mamlpp_ext.batch_norm";
-  const BnGeometry geo = check_bn_input(op, input, tasks);
-  check_bn_affine(op, geo, input, weight, bias);
-  check_bn_negative_slope(op, negative_slope);
-  check_bn_training_count(op, geo, input);
-  const at::Tensor x = input.contiguous();
-  std::vector<double> mean(geo.groups, 0.0), var(geo.groups, 0.0);
-  at::Tensor out = forward_impl(x, geo, group_affine(weight, geo, 1.0), group_affine(bias, geo, 0.0),
-                                /*training=*/true, eps, negative_slope, &mean, &var);
+  const BnArgs args = batch_norm_args(input, weight, bias, tasks, eps, negative_slope);
+  std::vector<double> mean(args.geo.groups, 0.0), var(args.geo.groups, 0.0);
+  at::Tensor out = forward_impl(args, &mean, &var);
   return {out, stats_tensor(mean, input), stats_tensor(var, input)};
 }
 
@@ -468,26 +448,19 @@ at::Tensor batch_norm_eval_cpu(const at::Tensor& input, const std::optional<at::
                                const at::Tensor& running_mean, const at::Tensor& running_var,
                                int64_t tasks, int64_t step, double eps,
                                std::optional<double> negative_slope) {
-  constexpr const char* op = "mamlpp_ext.batch_norm_eval";
-  const BnGeometry geo = check_bn_input(op, input, tasks);
-  check_bn_affine(op, geo, input, weight, bias);
-  check_bn_negative_slope(op, negative_slope);
-  check_bn_running_stats(op, "running_mean", running_mean, geo, input, step);
-  check_bn_running_stats(op, "running_var", running_var, geo, input, step);
+  const BnArgs args = batch_norm_eval_args(input, weight, bias, running_mean, running_var, tasks,
+                                           step, eps, negative_slope);
   std::vector<double> mean, var;
-  group_stats(running_mean, running_var, geo, /*training=*/false, step, &mean, &var);
-  return forward_impl(input.contiguous(), geo, group_affine(weight, geo, 1.0),
-                      group_affine(bias, geo, 0.0), /*training=*/false, eps, negative_slope,
-                      &mean, &var);
+  group_stats(args, &mean, &var);
+  return forward_impl(args, &mean, &var);
 }
 
 void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var,
                                  const at::Tensor& mean, const at::Tensor& var, int64_t tasks,
                                  int64_t step, int64_t count, double momentum) {
-  constexpr const char* op = "mamlpp_ext.batch_norm_update_stats_";
-  check_bn_update_stats(op, running_mean, running_var, mean, var, tasks, step, count);
+  const int64_t channels = check_batch_norm_update_stats_args(running_mean, running_var, mean,
+                                                              var, tasks, step, count);
   if (count == 0) return;
-  const int64_t channels = running_mean.size(1);
   const at::Tensor mc = mean.contiguous(), vc = var.contiguous();
   std::vector<double> bm(channels, 0.0), bv(channels, 0.0);
   AT_DISPATCH_FLOATING_TYPES(mc.scalar_type(), "update_stats_read", [&] {
@@ -521,44 +494,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& out, const at::Tensor& mean, const at::Tensor& var,
     int64_t tasks, int64_t step, bool training, double eps, double negative_slope) {
-  constexpr const char* op = "mamlpp_ext._batch_norm_backward";
-  const BnGeometry geo = check_bn_input(op, input, tasks);
-  const auto w = defined_or_none(weight);
-  check_bn_affine(op, geo, input, w, w);
-  check_bn_like(op, "grad_out", grad_out, input);
-  const auto y_opt = defined_or_none(out);
-  if (y_opt) {
-    check_bn_like(op, "out", *y_opt, input);
-    check_bn_negative_slope(op, negative_slope);
-  }
-  check_bn_stats(op, training, mean, var, geo, input, step);
-
-  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  const at::Tensor y = y_opt ? y_opt->contiguous() : at::Tensor();
+  const BnArgs args = batch_norm_backward_args(grad_out, input, weight, out, mean, var, tasks,
+                                               step, training, eps, negative_slope);
   std::vector<double> mu, sigma2;
-  group_stats(mean, var, geo, training, step, &mu, &sigma2);
-  const auto gamma = group_affine(w, geo, 1.0);
-  std::vector<double> s1(geo.groups, 0.0), s2(geo.groups, 0.0);
-  at::Tensor dx = at::empty(x.sizes(), x.options());
-  const BnLayout L = layout_of(geo);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_norm_backward_cpu", [&] {
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
-    const scalar_t* py = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
+  group_stats(args, &mu, &sigma2);
+  const auto gamma = group_affine(args.weight, args.geo, 1.0);
+  std::vector<double> s1(args.geo.groups, 0.0), s2(args.geo.groups, 0.0);
+  at::Tensor dx = at::empty(args.input.sizes(), args.input.options());
+  const BnLayout L = layout_of(args.geo);
+  bn_dispatch(args.input.scalar_type(), args.activation, [&](auto type, auto act) {
+    using scalar_t = typename decltype(type)::type;
+    const scalar_t* px = args.input.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = args.grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* py = act ? args.out.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* pdx = dx.mutable_data_ptr<scalar_t>();
-    parallel_groups(geo, [&](int64_t g) {
-      const double invstd = bn_invstd<double>(sigma2[g], eps);
-      if (py != nullptr) {
-        backward_group<scalar_t, true>(pdx, pdy, px, py, L, g, training, mu[g], invstd, gamma[g],
-                                       negative_slope, &s1[g], &s2[g]);
-      } else {
-        backward_group<scalar_t, false>(pdx, pdy, px, py, L, g, training, mu[g], invstd,
-                                        gamma[g], negative_slope, &s1[g], &s2[g]);
-      }
+    parallel_groups(args.geo, [&](int64_t g) {
+      backward_group<scalar_t, decltype(act)::value>(
+          pdx, pdy, px, py, L, g, args.training, mu[g], bn_invstd<double>(sigma2[g], args.eps),
+          gamma[g], args.negative_slope, &s1[g], &s2[g]);
     });
   });
-  return {dx, fold_affine(s2, geo, w, input), fold_affine(s1, geo, w, input)};
+  return {dx, fold_affine(s2, args), fold_affine(s1, args)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cpu(
@@ -568,72 +524,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& out, const at::Tensor& mean, const at::Tensor& var,
     int64_t tasks, int64_t step, bool training, double eps, double negative_slope) {
-  constexpr const char* op = "mamlpp_ext._batch_norm_double_backward";
-  const BnGeometry geo = check_bn_input(op, input, tasks);
-  const auto w = defined_or_none(weight);
-  check_bn_affine(op, geo, input, w, w);
-  check_bn_like(op, "grad_out", grad_out, input);
-  const auto y_opt = defined_or_none(out);
-  if (y_opt) {
-    check_bn_like(op, "out", *y_opt, input);
-    check_bn_negative_slope(op, negative_slope);
-  }
-  const auto ggx_opt = defined_or_none(grad_grad_input);
-  if (ggx_opt) check_bn_like(op, "grad_grad_input", *ggx_opt, input);
-  const auto affine_shape = bn_affine_shape(geo, w);
-  for (const auto& [name, t] :
-       {std::pair<const char*, const std::optional<at::Tensor>*>{"grad_grad_weight",
-                                                                 &grad_grad_weight},
-        {"grad_grad_bias", &grad_grad_bias}}) {
-    if (!(t->has_value() && (*t)->defined())) continue;
-    TORCH_CHECK((*t)->sizes() == at::IntArrayRef(affine_shape), op, ": expected ", name,
-                " to have shape ", at::IntArrayRef(affine_shape), ", but got ", (*t)->sizes());
-    TORCH_CHECK((*t)->scalar_type() == input.scalar_type(), op, ": expected ", name,
-                " to have the dtype of input (", input.scalar_type(), "), but got ",
-                (*t)->scalar_type());
-    TORCH_CHECK((*t)->device() == input.device(), op, ": expected ", name,
-                " to be on the device of input (", input.device(), "), but it is on ",
-                (*t)->device());
-  }
-  check_bn_stats(op, training, mean, var, geo, input, step);
-
-  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  const at::Tensor y = y_opt ? y_opt->contiguous() : at::Tensor();
-  const at::Tensor ggx = ggx_opt ? ggx_opt->contiguous() : at::Tensor();
+  const BnArgs args = batch_norm_double_backward_args(
+      grad_grad_input, grad_grad_weight, grad_grad_bias, grad_out, input, weight, out, mean, var,
+      tasks, step, training, eps, negative_slope);
   std::vector<double> mu, sigma2;
-  group_stats(mean, var, geo, training, step, &mu, &sigma2);
-  const auto gamma = group_affine(w, geo, 1.0);
-  const auto ggamma = group_affine(defined_or_none(grad_grad_weight), geo, 0.0);
-  const auto gbeta = group_affine(defined_or_none(grad_grad_bias), geo, 0.0);
-  std::vector<double> dgamma(geo.groups, 0.0);
-  at::Tensor grad_dy = at::empty(x.sizes(), x.options());
-  at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  const BnLayout L = layout_of(geo);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_norm_double_backward_cpu", [&] {
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const scalar_t* pdy = dy.const_data_ptr<scalar_t>();
-    const scalar_t* py = y.defined() ? y.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pgg = ggx.defined() ? ggx.const_data_ptr<scalar_t>() : nullptr;
+  group_stats(args, &mu, &sigma2);
+  const auto gamma = group_affine(args.weight, args.geo, 1.0);
+  const auto ggamma = group_affine(args.grad_grad_weight, args.geo, 0.0);
+  const auto gbeta = group_affine(args.grad_grad_bias, args.geo, 0.0);
+  std::vector<double> dgamma(args.geo.groups, 0.0);
+  at::Tensor grad_dy = at::empty(args.input.sizes(), args.input.options());
+  at::Tensor grad_x = at::empty(args.input.sizes(), args.input.options());
+  const BnLayout L = layout_of(args.geo);
+  const bool has_gx = args.grad_grad_input.defined();
+  bn_dispatch(args.input.scalar_type(), args.activation, has_gx, [&](auto type, auto act,
+                                                                       auto gx) {
+    using scalar_t = typename decltype(type)::type;
+    const scalar_t* px = args.input.const_data_ptr<scalar_t>();
+    const scalar_t* pdy = args.grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* py = act ? args.out.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pgg = gx ? args.grad_grad_input.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* o_dy = grad_dy.mutable_data_ptr<scalar_t>();
     scalar_t* o_x = grad_x.mutable_data_ptr<scalar_t>();
-    parallel_groups(geo, [&](int64_t g) {
-      const double invstd = bn_invstd<double>(sigma2[g], eps);
-      auto run = [&](auto leaky, auto has_gx) {
-        double_backward_group<scalar_t, decltype(leaky)::value, decltype(has_gx)::value>(
-            o_dy, o_x, pgg, pdy, px, py, L, g, training, mu[g], invstd, gamma[g], ggamma[g],
-            gbeta[g], negative_slope, &dgamma[g]);
-      };
-      using T_ = std::true_type;
-      using F_ = std::false_type;
-      if (py != nullptr) {
-        if (pgg != nullptr) run(T_{}, T_{}); else run(T_{}, F_{});
-      } else {
-        if (pgg != nullptr) run(F_{}, T_{}); else run(F_{}, F_{});
-      }
+    parallel_groups(args.geo, [&](int64_t g) {
+      double_backward_group<scalar_t, decltype(act)::value, decltype(gx)::value>(
+          o_dy, o_x, pgg, pdy, px, py, L, g, args.training, mu[g],
+          bn_invstd<double>(sigma2[g], args.eps), gamma[g], ggamma[g], gbeta[g],
+          args.negative_slope, &dgamma[g]);
     });
   });
-  return {grad_dy, grad_x, fold_affine(dgamma, geo, w, input)};
+  return {grad_dy, grad_x, fold_affine(dgamma, args)};
 }
 
 }  // namespace cpu

@@ -11,16 +11,20 @@
 //                coefficients of mamlpp/batch_norm.h and folds the affine gradients over tasks;
 //   3. apply:    one grid-stride elementwise pass that is an affine function of the element's
 //                (u, Gx, x) with its group's coefficients.
-// For the forward with P == 1 step 2 runs inside step 1. No float atomics: results are
-// bit-reproducible. Everything runs on the current stream with a launch check after each launch;
-// workspace sizes depend only on shapes (no host synchronisation, graph-capturable). Inputs are
-// read through contiguous NCHW copies (channels_last and other layouts included).
+// For the forward with P == 1 step 2 runs inside step 1. The block reductions are the one generic
+// block_reduce (reduce.cuh) over the value types of batch_norm_reduce.cuh. No float atomics and a
+// fixed combination order: on one GPU model (P depends on its SM count) results are bit-identical
+// from run to run. Arithmetic is in opmath (float32 for float32/float16/bfloat16 input) where the
+// CPU kernels accumulate in float64, so CUDA and CPU agree within float rounding, not bit for bit.
+// Everything runs on the current stream with a launch check after each launch; workspace sizes
+// depend only on shapes (no host synchronisation, graph-capturable). Argument checks, operands
+// (contiguous NCHW copies of other layouts, channels_last included) and the dtype/flag dispatch
+// are shared with the CPU entry points (mamlpp/batch_norm_checks.h).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -45,8 +49,9 @@ constexpr int kApplyBlocksPerSm = 8;          // elementwise grid cap (grid-stri
 
 using Divider = at::cuda::detail::IntDivider<uint32_t>;
 
-// Where group g's statistics are: element [offset + g % K] (training: offset 0, K = G;
-// evaluation: offset step * C, K = C of the (S, C) running tables).
+// Where group g's statistics are: element [offset + g % K] (BnArgs::stats_offset and
+// stats_period: training offset 0, K = G; evaluation offset step * C, K = C of the (S, C) running
+// tables).
 template <typename opmath_t>
 struct StatsRef {
   const opmath_t* mean;
@@ -132,7 +137,8 @@ __global__ void bn_stats_kernel(const scalar_t* __restrict__ x, ReduceGeom geo,
   for (uint32_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
     w = bn::welford_push(w, static_cast<opmath_t>(x[geo.index(j, g)]));
   }
-  w = bn::welford_block(w);
+  __shared__ bn::Welford<opmath_t> shared[kMaxWarps];
+  w = block_reduce(w, bn::WelfordCombine{}, shared);
   if (threadIdx.x != 0) return;
   if (gridDim.y == 1) {
     finish_stats(g, w, affine, eps, mean_out, var_out, coeffs);
@@ -156,7 +162,7 @@ __global__ void bn_stats_finalize_kernel(const opmath_t* __restrict__ partials, 
   bn::Welford<opmath_t> w{opmath_t(0), opmath_t(0), opmath_t(0)};
   for (int p = 0; p < splits; ++p) {
     const opmath_t* in = partials + (g * splits + p) * 3;
-    w = bn::welford_combine(w, bn::Welford<opmath_t>{in[0], in[1], in[2]});
+    w = bn::WelfordCombine{}(w, bn::Welford<opmath_t>{in[0], in[1], in[2]});
   }
   finish_stats(g, w, affine, eps, mean_out, var_out, coeffs);
 }
@@ -201,7 +207,9 @@ struct BnSumsOp {
   const scalar_t* y;    // the forward output when the LeakyReLU is fused
   const scalar_t* ggx;  // R == 5 only
   opmath_t negative_slope;  // of the fused activation (kLeaky)
-  __device__ __forceinline__ void operator()(int64_t i, opmath_t mean, opmath_t (&v)[R]) const {
+  __device__ __forceinline__ void operator()(int64_t i, opmath_t mean,
+                                             bn::Sums<opmath_t, R>& s) const {
+    opmath_t(&v)[R] = s.v;
     const opmath_t slope =
         kLeaky ? bn_leaky_slope(static_cast<opmath_t>(y[i]), negative_slope) : opmath_t(1);
     const opmath_t u = static_cast<opmath_t>(dy[i]) * slope;
@@ -226,17 +234,18 @@ __global__ void bn_sums_kernel(Op op, StatsRef<opmath_t> stats, ReduceGeom geo,
   const uint32_t begin = p * geo.chunk;
   const uint32_t end = begin + geo.chunk < geo.count ? begin + geo.chunk : geo.count;
   const opmath_t mean = stats.mean_of(g);
-  opmath_t v[R];
+  bn::Sums<opmath_t, R> v;
 #pragma unroll
-  for (int r = 0; r < R; ++r) v[r] = opmath_t(0);
+  for (int r = 0; r < R; ++r) v.v[r] = opmath_t(0);
   for (uint32_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
     op(geo.index(j, g), mean, v);
   }
-  bn::sum_block<R>(v);
+  __shared__ bn::Sums<opmath_t, R> shared[kMaxWarps];
+  v = block_reduce(v, bn::SumsCombine{}, shared);
   if (threadIdx.x == 0) {
     opmath_t* out = partials + (g * gridDim.y + p) * R;
 #pragma unroll
-    for (int r = 0; r < R; ++r) out[r] = v[r];
+    for (int r = 0; r < R; ++r) out[r] = v.v[r];
   }
 }
 
@@ -433,50 +442,48 @@ dim3 thread_grid(int64_t n) {
 template <typename scalar_t>
 AffineRef<scalar_t> affine_ref(const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& bias) {
-  const bool has = weight.has_value() && weight->defined();
-  return {has ? weight->const_data_ptr<scalar_t>() : nullptr,
-          (bias.has_value() && bias->defined()) ? bias->const_data_ptr<scalar_t>() : nullptr,
-          has ? weight->numel() : 1};
+  return {weight ? weight->const_data_ptr<scalar_t>() : nullptr,
+          bias ? bias->const_data_ptr<scalar_t>() : nullptr, weight ? weight->numel() : 1};
 }
 
 template <typename opmath_t>
-StatsRef<opmath_t> stats_ref(const at::Tensor& mean, const at::Tensor& var, bool training,
-                             int64_t step, const BnGeometry& geo) {
-  if (training) return {mean.const_data_ptr<opmath_t>(), var.const_data_ptr<opmath_t>(), 0, geo.groups};
-  return {mean.const_data_ptr<opmath_t>(), var.const_data_ptr<opmath_t>(), step * geo.channels,
-          geo.channels};
+StatsRef<opmath_t> stats_ref(const BnArgs& args) {
+  return {args.mean.const_data_ptr<opmath_t>(), args.var.const_data_ptr<opmath_t>(),
+          args.stats_offset, args.stats_period};
 }
 
-std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
-  if (t.has_value() && t->defined()) return t->contiguous();
-  return std::nullopt;
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+template <typename scalar_t>
+const scalar_t* data_or_null(const std::optional<at::Tensor>& t) {
+  return t ? t->const_data_ptr<scalar_t>() : nullptr;
 }
 
-// The two forwards share steps 1-3; `training` picks batch or running statistics.
-at::Tensor forward_impl(const at::Tensor& x, const BnGeometry& geo,
-                        const std::optional<at::Tensor>& weight,
-                        const std::optional<at::Tensor>& bias, bool training,
-                        const at::Tensor& stats_mean, const at::Tensor& stats_var, int64_t step,
-                        double eps, const std::optional<double>& negative_slope,
-                        at::Tensor* mean_out, at::Tensor* var_out) {
-  const bool leaky = negative_slope.has_value();
+// The two forwards share steps 1-3; args.training picks batch or running statistics. Training
+// writes the batch statistics to mean_out / var_out.
+at::Tensor forward_impl(const BnArgs& args, at::Tensor* mean_out, at::Tensor* var_out) {
+  const at::Tensor& x = args.input;
+  const BnGeometry& geo = args.geo;
   at::Tensor out = at::empty(x.sizes(), x.options());
   if (geo.groups == 0) return out;
   const auto opmath_dtype = at::toOpMathType(x.scalar_type());
   at::Tensor coeffs = at::empty({geo.groups, 2}, x.options().dtype(opmath_dtype));
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_cuda", [&] {
+  bn_dispatch(x.scalar_type(), args.activation, [&](auto type, auto act) {
+    using scalar_t = typename decltype(type)::type;
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto affine = affine_ref<scalar_t>(weight, bias);
-    const auto eps_o = static_cast<opmath_t>(eps);
-    if (training) {
+    const auto affine = affine_ref<scalar_t>(args.weight, args.bias);
+    const auto eps = static_cast<opmath_t>(args.eps);
+    if (args.training) {
       int splits = 1;
       const ReduceGeom rg = reduce_geom(geo, &splits);
       at::Tensor partials;
       if (splits > 1) partials = at::empty({geo.groups, splits, 3}, coeffs.options());
       bn_stats_kernel<scalar_t, opmath_t>
           <<<dim3(static_cast<unsigned>(geo.groups), splits), kBlockSize, 0, stream>>>(
-              x.const_data_ptr<scalar_t>(), rg, affine, eps_o,
+              x.const_data_ptr<scalar_t>(), rg, affine, eps,
               splits > 1 ? partials.mutable_data_ptr<opmath_t>() : nullptr,
               mean_out->mutable_data_ptr<opmath_t>(), var_out->mutable_data_ptr<opmath_t>(),
               coeffs.mutable_data_ptr<opmath_t>());
@@ -484,28 +491,22 @@ at::Tensor forward_impl(const at::Tensor& x, const BnGeometry& geo,
       if (splits > 1) {
         bn_stats_finalize_kernel<scalar_t, opmath_t>
             <<<thread_grid(geo.groups), kBlockSize, 0, stream>>>(
-                partials.const_data_ptr<opmath_t>(), geo.groups, splits, affine, eps_o,
+                partials.const_data_ptr<opmath_t>(), geo.groups, splits, affine, eps,
                 mean_out->mutable_data_ptr<opmath_t>(), var_out->mutable_data_ptr<opmath_t>(),
                 coeffs.mutable_data_ptr<opmath_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     } else {
       bn_eval_coeffs_kernel<scalar_t, opmath_t><<<thread_grid(geo.groups), kBlockSize, 0, stream>>>(
-          stats_ref<opmath_t>(stats_mean, stats_var, false, step, geo), geo.groups, affine, eps_o,
-          coeffs.mutable_data_ptr<opmath_t>());
+          stats_ref<opmath_t>(args), geo.groups, affine, eps, coeffs.mutable_data_ptr<opmath_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (x.numel() > 0) {
-      const ApplyGeom ag = apply_geom(geo, x.numel());
-      if (leaky) {
-        bn_forward_apply_kernel<scalar_t, opmath_t, true><<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
-            out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            coeffs.const_data_ptr<opmath_t>(), static_cast<opmath_t>(*negative_slope), ag);
-      } else {
-        bn_forward_apply_kernel<scalar_t, opmath_t, false><<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
-            out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            coeffs.const_data_ptr<opmath_t>(), opmath_t(1), ag);
-      }
+      bn_forward_apply_kernel<scalar_t, opmath_t, decltype(act)::value>
+          <<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
+              out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+              coeffs.const_data_ptr<opmath_t>(), static_cast<opmath_t>(args.negative_slope),
+              apply_geom(geo, x.numel()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -518,20 +519,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t tasks, double eps,
     std::optional<double> negative_slope) {
-  constexpr const char* op = "mamlpp_ext.batch_norm";
-  const BnGeometry geo = check_bn_input(op, input, tasks);
-  check_bn_affine(op, geo, input, weight, bias);
-  check_bn_negative_slope(op, negative_slope);
-  check_bn_training_count(op, geo, input);
-  check_index_range(op, input);
+  const BnArgs args = batch_norm_args(input, weight, bias, tasks, eps, negative_slope);
+  check_index_range("mamlpp_ext.batch_norm", input);
   c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor x = input.contiguous();
-  const auto stats_options = x.options().dtype(at::toOpMathType(x.scalar_type()));
-  at::Tensor mean = at::empty({geo.groups}, stats_options);
-  at::Tensor var = at::empty({geo.groups}, stats_options);
-  at::Tensor out = forward_impl(x, geo, contiguous_or_none(weight), contiguous_or_none(bias),
-                                /*training=*/true, at::Tensor(), at::Tensor(), 0, eps,
-                                negative_slope, &mean, &var);
+  const auto stats_options = input.options().dtype(at::toOpMathType(input.scalar_type()));
+  at::Tensor mean = at::empty({args.geo.groups}, stats_options);
+  at::Tensor var = at::empty({args.geo.groups}, stats_options);
+  at::Tensor out = forward_impl(args, &mean, &var);
   return {out, mean, var};
 }
 
@@ -540,27 +534,18 @@ at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const std::optional<at:
                                 const at::Tensor& running_mean, const at::Tensor& running_var,
                                 int64_t tasks, int64_t step, double eps,
                                 std::optional<double> negative_slope) {
-  constexpr const char* op = "mamlpp_ext.batch_norm_eval";
-  const BnGeometry geo = check_bn_input(op, input, tasks);
-  check_bn_affine(op, geo, input, weight, bias);
-  check_bn_negative_slope(op, negative_slope);
-  check_bn_running_stats(op, "running_mean", running_mean, geo, input, step);
-  check_bn_running_stats(op, "running_var", running_var, geo, input, step);
-  check_index_range(op, input);
+  const BnArgs args = batch_norm_eval_args(input, weight, bias, running_mean, running_var, tasks,
+                                           step, eps, negative_slope);
+  check_index_range("mamlpp_ext.batch_norm_eval", input);
   c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor rm = bn_stats_operand(running_mean, input);
-  const at::Tensor rv = bn_stats_operand(running_var, input);
-  return forward_impl(input.contiguous(), geo, contiguous_or_none(weight),
-                      contiguous_or_none(bias), /*training=*/false, rm, rv, step, eps,
-                      negative_slope, nullptr, nullptr);
+  return forward_impl(args, nullptr, nullptr);
 }
 
 void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var,
                                   const at::Tensor& mean, const at::Tensor& var, int64_t tasks,
                                   int64_t step, int64_t count, double momentum) {
-  constexpr const char* op = "mamlpp_ext.batch_norm_update_stats_";
-  check_bn_update_stats(op, running_mean, running_var, mean, var, tasks, step, count);
-  const int64_t channels = running_mean.size(1);
+  const int64_t channels = check_batch_norm_update_stats_args(running_mean, running_var, mean,
+                                                              var, tasks, step, count);
   if (count == 0 || channels == 0) return;
   c10::cuda::CUDAGuard guard(running_mean.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -583,26 +568,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& out, const at::Tensor& mean, const at::Tensor& var,
     int64_t tasks, int64_t step, bool training, double eps, double negative_slope) {
-  constexpr const char* op = "mamlpp_ext._batch_norm_backward";
-  const BnGeometry geo = check_bn_input(op, input, tasks);
-  const auto w = contiguous_or_none(weight);
-  check_bn_affine(op, geo, input, w, w);
-  check_bn_like(op, "grad_out", grad_out, input);
-  const bool leaky = out.has_value() && out->defined();
-  if (leaky) {
-    check_bn_like(op, "out", *out, input);
-    check_bn_negative_slope(op, negative_slope);
-  }
-  check_bn_stats(op, training, mean, var, geo, input, step);
-  check_index_range(op, input);
+  const BnArgs args = batch_norm_backward_args(grad_out, input, weight, out, mean, var, tasks,
+                                               step, training, eps, negative_slope);
+  check_index_range("mamlpp_ext._batch_norm_backward", input);
   c10::cuda::CUDAGuard guard(input.device());
-
-  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  const at::Tensor y = leaky ? out->contiguous() : at::Tensor();
-  const at::Tensor sm = bn_stats_operand(mean, input), sv = bn_stats_operand(var, input);
+  const at::Tensor& x = args.input;
+  const BnGeometry& geo = args.geo;
   at::Tensor dx = at::empty(x.sizes(), x.options());
-  at::Tensor dgamma = at::empty(bn_affine_shape(geo, w), x.options());
-  at::Tensor dbeta = at::empty(bn_affine_shape(geo, w), x.options());
+  at::Tensor dgamma = at::empty(args.affine_shape, x.options());
+  at::Tensor dbeta = at::empty(args.affine_shape, x.options());
   if (geo.groups == 0) return {dx, dgamma, dbeta};
   const int64_t a_len = dgamma.numel();
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -611,90 +585,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
   at::Tensor partials = at::empty({geo.groups, splits, 2}, opts);
   at::Tensor coeffs = at::empty({geo.groups, 3}, opts);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_norm_backward_cuda", [&] {
+  bn_dispatch(x.scalar_type(), args.activation, [&](auto type, auto act) {
+    using scalar_t = typename decltype(type)::type;
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto stats = stats_ref<opmath_t>(sm, sv, training, step, geo);
-    const dim3 grid(static_cast<unsigned>(geo.groups), splits);
-    const scalar_t* py = leaky ? y.const_data_ptr<scalar_t>() : nullptr;
-    if (leaky) {
-      BnSumsOp<scalar_t, opmath_t, true, 2> sop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-                                                nullptr, static_cast<opmath_t>(negative_slope)};
-      bn_sums_kernel<2, opmath_t><<<grid, kBlockSize, 0, stream>>>(sop, stats, rg,
-                                                                   partials.mutable_data_ptr<opmath_t>());
-    } else {
-      BnSumsOp<scalar_t, opmath_t, false, 2> sop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-                                                 nullptr, opmath_t(1)};
-      bn_sums_kernel<2, opmath_t><<<grid, kBlockSize, 0, stream>>>(sop, stats, rg,
-                                                                   partials.mutable_data_ptr<opmath_t>());
-    }
+    constexpr bool kLeaky = decltype(act)::value;
+    const auto stats = stats_ref<opmath_t>(args);
+    const auto slope = static_cast<opmath_t>(args.negative_slope);
+    const scalar_t* py = data_or_null<scalar_t>(args.out);
+    const BnSumsOp<scalar_t, opmath_t, kLeaky, 2> sop{args.grad_out.const_data_ptr<scalar_t>(),
+                                                      x.const_data_ptr<scalar_t>(), py, nullptr,
+                                                      slope};
+    bn_sums_kernel<2, opmath_t>
+        <<<dim3(static_cast<unsigned>(geo.groups), splits), kBlockSize, 0, stream>>>(
+            sop, stats, rg, partials.mutable_data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bn_backward_finalize_kernel<scalar_t, opmath_t><<<thread_grid(a_len), kBlockSize, 0, stream>>>(
-        partials.const_data_ptr<opmath_t>(), splits, stats, affine_ref<scalar_t>(w, std::nullopt),
-        geo.groups, geo.count(), training, static_cast<opmath_t>(eps), a_len,
-        coeffs.mutable_data_ptr<opmath_t>(), dgamma.mutable_data_ptr<scalar_t>(),
-        dbeta.mutable_data_ptr<scalar_t>());
+        partials.const_data_ptr<opmath_t>(), splits, stats,
+        affine_ref<scalar_t>(args.weight, std::nullopt), geo.groups, geo.count(), args.training,
+        static_cast<opmath_t>(args.eps), a_len, coeffs.mutable_data_ptr<opmath_t>(),
+        dgamma.mutable_data_ptr<scalar_t>(), dbeta.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (x.numel() > 0) {
-      const ApplyGeom ag = apply_geom(geo, x.numel());
-      if (leaky) {
-        bn_backward_apply_kernel<scalar_t, opmath_t, true><<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
-            dx.mutable_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-            coeffs.const_data_ptr<opmath_t>(), static_cast<opmath_t>(negative_slope), ag);
-      } else {
-        bn_backward_apply_kernel<scalar_t, opmath_t, false><<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
-            dx.mutable_data_ptr<scalar_t>(), dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-            coeffs.const_data_ptr<opmath_t>(), opmath_t(1), ag);
-      }
+      bn_backward_apply_kernel<scalar_t, opmath_t, kLeaky>
+          <<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
+              dx.mutable_data_ptr<scalar_t>(), args.grad_out.const_data_ptr<scalar_t>(),
+              x.const_data_ptr<scalar_t>(), py, coeffs.const_data_ptr<opmath_t>(), slope,
+              apply_geom(geo, x.numel()));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {dx, dgamma, dbeta};
-}
-
-// Launches the double backward for one (leaky, has-Gx) combination.
-template <typename scalar_t, bool kLeaky, bool kHasGx>
-void launch_double_backward(const at::Tensor& ggx, const at::Tensor& ggw, const at::Tensor& ggb,
-                            const at::Tensor& dy, const at::Tensor& x, const at::Tensor& y,
-                            const std::optional<at::Tensor>& w, const at::Tensor& sm,
-                            const at::Tensor& sv, const BnGeometry& geo, int64_t step,
-                            bool training, double eps, double negative_slope, at::Tensor& grad_dy,
-                            at::Tensor& grad_x,
-                            at::Tensor& grad_gamma) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int R = kHasGx ? 5 : 2;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  int splits = 1;
-  const ReduceGeom rg = reduce_geom(geo, &splits);
-  const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
-  at::Tensor partials = at::empty({geo.groups, splits, R}, opts);
-  at::Tensor coeffs = at::empty({geo.groups, kDbwCoeffs}, opts);
-  const auto stats = stats_ref<opmath_t>(sm, sv, training, step, geo);
-  const scalar_t* py = kLeaky ? y.const_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* pgx = kHasGx ? ggx.const_data_ptr<scalar_t>() : nullptr;
-  const auto slope = static_cast<opmath_t>(negative_slope);
-  BnSumsOp<scalar_t, opmath_t, kLeaky, R> sop{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-                                              pgx, slope};
-  bn_sums_kernel<R, opmath_t><<<dim3(static_cast<unsigned>(geo.groups), splits), kBlockSize, 0, stream>>>(
-      sop, stats, rg, partials.mutable_data_ptr<opmath_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t a_len = grad_gamma.numel();
-  bn_double_backward_finalize_kernel<scalar_t, opmath_t, R><<<thread_grid(a_len), kBlockSize, 0, stream>>>(
-      partials.const_data_ptr<opmath_t>(), splits, stats, affine_ref<scalar_t>(w, std::nullopt),
-      ggw.defined() ? ggw.const_data_ptr<scalar_t>() : nullptr,
-      ggb.defined() ? ggb.const_data_ptr<scalar_t>() : nullptr, geo.groups, geo.count(), training,
-      static_cast<opmath_t>(eps), a_len, coeffs.mutable_data_ptr<opmath_t>(),
-      grad_gamma.mutable_data_ptr<scalar_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (x.numel() > 0) {
-    bn_double_backward_apply_kernel<scalar_t, opmath_t, kLeaky, kHasGx>
-        <<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
-            grad_dy.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), pgx,
-            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
-            coeffs.const_data_ptr<opmath_t>(), slope, apply_geom(geo, x.numel()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cuda(
@@ -704,62 +624,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& out, const at::Tensor& mean, const at::Tensor& var,
     int64_t tasks, int64_t step, bool training, double eps, double negative_slope) {
-  constexpr const char* op = "mamlpp_ext._batch_norm_double_backward";
-  const BnGeometry geo = check_bn_input(op, input, tasks);
-  const auto w = contiguous_or_none(weight);
-  check_bn_affine(op, geo, input, w, w);
-  check_bn_like(op, "grad_out", grad_out, input);
-  const bool leaky = out.has_value() && out->defined();
-  if (leaky) {
-    check_bn_like(op, "out", *out, input);
-    check_bn_negative_slope(op, negative_slope);
-  }
-  const bool has_gx = grad_grad_input.has_value() && grad_grad_input->defined();
-  if (has_gx) check_bn_like(op, "grad_grad_input", *grad_grad_input, input);
-  const auto affine_shape = bn_affine_shape(geo, w);
-  for (const auto& [name, t] :
-       {std::pair<const char*, const std::optional<at::Tensor>*>{"grad_grad_weight",
-                                                                 &grad_grad_weight},
-        {"grad_grad_bias", &grad_grad_bias}}) {
-    if (!(t->has_value() && (*t)->defined())) continue;
-    TORCH_CHECK((*t)->sizes() == at::IntArrayRef(affine_shape), op, ": expected ", name,
-                " to have shape ", at::IntArrayRef(affine_shape), ", but got ", (*t)->sizes());
-    TORCH_CHECK((*t)->scalar_type() == input.scalar_type(), op, ": expected ", name,
-                " to have the dtype of input (", input.scalar_type(), "), but got ",
-                (*t)->scalar_type());
-    TORCH_CHECK((*t)->device() == input.device(), op, ": expected ", name,
-                " to be on the device of input (", input.device(), "), but it is on ",
-                (*t)->device());
-  }
-  check_bn_stats(op, training, mean, var, geo, input, step);
-  check_index_range(op, input);
+  const BnArgs args = batch_norm_double_backward_args(
+      grad_grad_input, grad_grad_weight, grad_grad_bias, grad_out, input, weight, out, mean, var,
+      tasks, step, training, eps, negative_slope);
+  check_index_range("mamlpp_ext._batch_norm_double_backward", input);
   c10::cuda::CUDAGuard guard(input.device());
-
-  const at::Tensor x = input.contiguous(), dy = grad_out.contiguous();
-  const at::Tensor y = leaky ? out->contiguous() : at::Tensor();
-  const at::Tensor ggx = has_gx ? grad_grad_input->contiguous() : at::Tensor();
-  const auto ggw_opt = contiguous_or_none(grad_grad_weight);
-  const auto ggb_opt = contiguous_or_none(grad_grad_bias);
-  const at::Tensor ggw = ggw_opt ? *ggw_opt : at::Tensor();
-  const at::Tensor ggb = ggb_opt ? *ggb_opt : at::Tensor();
-  const at::Tensor sm = bn_stats_operand(mean, input), sv = bn_stats_operand(var, input);
+  const at::Tensor& x = args.input;
+  const BnGeometry& geo = args.geo;
   at::Tensor grad_dy = at::empty(x.sizes(), x.options());
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
-  at::Tensor grad_gamma = at::empty(affine_shape, x.options());
+  at::Tensor grad_gamma = at::empty(args.affine_shape, x.options());
   if (geo.groups == 0) return {grad_dy, grad_x, grad_gamma};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_norm_double_backward_cuda", [&] {
-    auto run = [&](auto leaky_c, auto gx_c) {
-      launch_double_backward<scalar_t, decltype(leaky_c)::value, decltype(gx_c)::value>(
-          ggx, ggw, ggb, dy, x, y, w, sm, sv, geo, step, training, eps, negative_slope, grad_dy,
-          grad_x, grad_gamma);
-    };
-    using T_ = std::true_type;
-    using F_ = std::false_type;
-    if (leaky) {
-      if (has_gx) run(T_{}, T_{}); else run(T_{}, F_{});
-    } else {
-      if (has_gx) run(F_{}, T_{}); else run(F_{}, F_{});
+  const bool has_gx = args.grad_grad_input.defined();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  int splits = 1;
+  const ReduceGeom rg = reduce_geom(geo, &splits);
+  const auto opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  at::Tensor partials = at::empty({geo.groups, splits, has_gx ? 5 : 2}, opts);
+  at::Tensor coeffs = at::empty({geo.groups, kDbwCoeffs}, opts);
+  bn_dispatch(x.scalar_type(), args.activation, has_gx, [&](auto type, auto act, auto gx) {
+    using scalar_t = typename decltype(type)::type;
+    using opmath_t = at::opmath_type<scalar_t>;
+    constexpr bool kLeaky = decltype(act)::value;
+    constexpr bool kHasGx = decltype(gx)::value;
+    constexpr int R = kHasGx ? 5 : 2;
+    const auto stats = stats_ref<opmath_t>(args);
+    const auto slope = static_cast<opmath_t>(args.negative_slope);
+    const scalar_t* py = data_or_null<scalar_t>(args.out);
+    const scalar_t* pgx = data_or_null<scalar_t>(args.grad_grad_input);
+    const BnSumsOp<scalar_t, opmath_t, kLeaky, R> sop{args.grad_out.const_data_ptr<scalar_t>(),
+                                                      x.const_data_ptr<scalar_t>(), py, pgx,
+                                                      slope};
+    bn_sums_kernel<R, opmath_t>
+        <<<dim3(static_cast<unsigned>(geo.groups), splits), kBlockSize, 0, stream>>>(
+            sop, stats, rg, partials.mutable_data_ptr<opmath_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t a_len = grad_gamma.numel();
+    bn_double_backward_finalize_kernel<scalar_t, opmath_t, R>
+        <<<thread_grid(a_len), kBlockSize, 0, stream>>>(
+            partials.const_data_ptr<opmath_t>(), splits, stats,
+            affine_ref<scalar_t>(args.weight, std::nullopt),
+            data_or_null<scalar_t>(args.grad_grad_weight),
+            data_or_null<scalar_t>(args.grad_grad_bias), geo.groups, geo.count(), args.training,
+            static_cast<opmath_t>(args.eps), a_len, coeffs.mutable_data_ptr<opmath_t>(),
+            grad_gamma.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (x.numel() > 0) {
+      bn_double_backward_apply_kernel<scalar_t, opmath_t, kLeaky, kHasGx>
+          <<<apply_grid(x.numel()), kBlockSize, 0, stream>>>(
+              grad_dy.mutable_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), pgx,
+              args.grad_out.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), py,
+              coeffs.const_data_ptr<opmath_t>(), slope, apply_geom(geo, x.numel()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return {grad_dy, grad_x, grad_gamma};

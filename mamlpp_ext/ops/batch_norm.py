@@ -11,6 +11,10 @@ Derivative chain (every order second-order MAML needs runs on fused kernels):
 * ``_batch_norm_double_backward``  --backward-->  differentiates the pure-PyTorch twin
   :func:`mamlpp_ext.ops.reference.batch_norm_double_backward` (third order and beyond: correct, not
   fused).
+
+The first two links (and ``batch_norm_update_stats_``, run outside autograd) are C++ autograd
+kernels (``csrc/autograd/batch_norm_autograd.cpp``, NOTE [Batch norm autograd in C++]): no Python
+runs per call or per backward. The third stays here, in Python; the fake kernels too.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from . import reference as _reference
 __all__ = ["task_batch_norm"]
 
 _ops = torch.ops.mamlpp_ext
+# The overloads themselves: calling them skips the packet's overload resolution.
+_batch_norm = _ops.batch_norm.default
+_batch_norm_eval = _ops.batch_norm_eval.default
+_update_stats = _ops.batch_norm_update_stats_.default
 
 
 def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -56,23 +64,22 @@ def task_batch_norm(input: Tensor, tasks: int, weight: Tensor | None = None, bia
         (N, T*C[, H, W]) tensor. Differentiable w.r.t. input, weight and bias to any order;
         backward and double backward are fused kernels.
     """
-    tasks = int(tasks)
+    # Runs ~40 times per meta-step: argument checks are the ops' (in C++), except the pairing of
+    # the running statistics, which only this wrapper sees.
     if (running_mean is None) != (running_var is None):
         raise ValueError("task_batch_norm: expected running_mean and running_var to be both "
                          "given or both None")
     if training:
-        out, mean, var = _ops.batch_norm(input, weight, bias, tasks, eps, negative_slope)
-        if running_mean is not None and update_stats:
-            count = input.shape[0] * (input.shape[2] * input.shape[3] if input.dim() == 4 else 1)
-            with torch.no_grad():
-                _ops.batch_norm_update_stats_(running_mean, running_var, mean, var, tasks, int(step),
-                                              count, float(momentum))
+        out, mean, var = _batch_norm(input, weight, bias, tasks, eps, negative_slope)
+        if update_stats and running_mean is not None:
+            shape = input.shape
+            count = shape[0] * shape[2] * shape[3] if len(shape) == 4 else shape[0]
+            _update_stats(running_mean, running_var, mean, var, tasks, step, count, momentum)
         return out
     if running_mean is None:
         raise ValueError("task_batch_norm: evaluation mode (training=False) needs running_mean "
                          "and running_var")
-    return _ops.batch_norm_eval(input, weight, bias, running_mean, running_var, tasks, int(step), eps,
-                                negative_slope)
+    return _batch_norm_eval(input, weight, bias, running_mean, running_var, tasks, step, eps, negative_slope)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,60 +125,9 @@ def _batch_norm_double_backward_fake(grad_grad_input, grad_grad_weight, grad_gra
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd
+# Autograd of _batch_norm_double_backward (the others are C++ kernels: NOTE [Batch norm autograd in
+# C++] in csrc/autograd/batch_norm_autograd.cpp)
 # ---------------------------------------------------------------------------------------------
-
-def _grad_or_zeros(g: Tensor | None, like: Tensor) -> Tensor:
-    return g if g is not None else torch.zeros_like(like)
-
-
-def _batch_norm_setup(ctx, inputs, output):
-    input, weight, bias, tasks, eps, negative_slope = inputs
-    out, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.tasks, ctx.eps = tasks, eps
-    ctx.slope = 0.0 if negative_slope is None else negative_slope
-    ctx.save_for_backward(input, weight, out if negative_slope is not None else None, mean, var)
-
-
-def _batch_norm_backward(ctx, grad_out, _grad_mean, _grad_var):
-    input, weight, out, mean, var = ctx.saved_tensors
-    dx, dw, db = _ops._batch_norm_backward(_grad_or_zeros(grad_out, input), input, weight, out, mean, var,
-                                           ctx.tasks, 0, True, ctx.eps, ctx.slope)
-    affine = weight is not None
-    return (dx if ctx.needs_input_grad[0] else None,
-            dw if affine and ctx.needs_input_grad[1] else None,
-            db if affine and ctx.needs_input_grad[2] else None, None, None, None)
-
-
-torch.library.register_autograd("mamlpp_ext::batch_norm", _batch_norm_backward,
-                                setup_context=_batch_norm_setup)
-
-
-def _batch_norm_eval_setup(ctx, inputs, output):
-    input, weight, bias, running_mean, running_var, tasks, step, eps, negative_slope = inputs
-    if running_mean.requires_grad or running_var.requires_grad:
-        raise RuntimeError("mamlpp_ext.batch_norm_eval: running statistics are constants; "
-                           "gradients w.r.t. running_mean/running_var are not supported")
-    ctx.args = (tasks, step, eps, 0.0 if negative_slope is None else negative_slope)
-    ctx.save_for_backward(input, weight, output if negative_slope is not None else None, running_mean,
-                          running_var)
-
-
-def _batch_norm_eval_backward(ctx, grad_out):
-    input, weight, out, running_mean, running_var = ctx.saved_tensors
-    tasks, step, eps, slope = ctx.args
-    dx, dw, db = _ops._batch_norm_backward(_grad_or_zeros(grad_out, input), input, weight, out, running_mean,
-                                           running_var, tasks, step, False, eps, slope)
-    affine = weight is not None
-    return (dx if ctx.needs_input_grad[0] else None,
-            dw if affine and ctx.needs_input_grad[1] else None,
-            db if affine and ctx.needs_input_grad[2] else None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("mamlpp_ext::batch_norm_eval", _batch_norm_eval_backward,
-                                setup_context=_batch_norm_eval_setup)
-
 
 def _check_constant_stats(op: str, mean: Tensor, var: Tensor) -> None:
     # The saved statistics' dependence on input is inside the closed-form derivative w.r.t.
@@ -179,29 +135,6 @@ def _check_constant_stats(op: str, mean: Tensor, var: Tensor) -> None:
     if mean.requires_grad or var.requires_grad:
         raise RuntimeError(f"mamlpp_ext.{op}: mean and var are treated as constants (their dependence "
                            "on input is in the closed-form derivative); they must not require grad")
-
-
-def _batch_norm_backward_setup(ctx, inputs, output):
-    grad_out, input, weight, out, mean, var, tasks, step, training, eps, negative_slope = inputs
-    _check_constant_stats("_batch_norm_backward", mean, var)
-    ctx.args = (tasks, step, training, eps, negative_slope)
-    ctx.save_for_backward(grad_out, input, weight, out, mean, var)
-
-
-def _batch_norm_backward_backward(ctx, gg_input, gg_weight, gg_bias):
-    grad_out, input, weight, out, mean, var = ctx.saved_tensors
-    if weight is None:
-        gg_weight = gg_bias = None  # outputs for a unit affine that is not an input
-    ggo, gx, gw = _ops._batch_norm_double_backward(gg_input, gg_weight, gg_bias, grad_out, input, weight,
-                                                   out, mean, var, *ctx.args)
-    need = ctx.needs_input_grad
-    # out's only role is the sign of the activation slope: piecewise constant, zero derivative.
-    return (ggo if need[0] else None, gx if need[1] else None,
-            gw if weight is not None and need[2] else None, None, None, None, None, None, None, None, None)
-
-
-torch.library.register_autograd("mamlpp_ext::_batch_norm_backward", _batch_norm_backward_backward,
-                                setup_context=_batch_norm_backward_setup)
 
 
 def _batch_norm_double_backward_setup(ctx, inputs, output):

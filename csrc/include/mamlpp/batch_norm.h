@@ -43,9 +43,14 @@
 
 namespace mamlpp {
 
+// What is guaranteed across devices: each device is deterministic (the same inputs give the same
+// bits whatever the CPU thread count or the CUDA scheduling; on CUDA for one GPU model, as the
+// reduction grid depends on the SM count), and CPU and CUDA agree within float rounding, not bit
+// for bit: the CPU kernels add their per-span partial sums in float64 and form the per-group
+// coefficients in float64, the CUDA kernels do both in opmath (float32 for float32, float16 and
+// bfloat16 input), and the two devices add in different orders.
 template <typename T>
 C10_HOST_DEVICE inline T bn_invstd(T var, T eps) {
-  // Correctly rounded sqrt and division on both devices: CPU and CUDA agree bit for bit.
 #ifdef __CUDA_ARCH__
   return T(1) / ::sqrt(var + eps);
 #else

@@ -1,13 +1,16 @@
-// Host-side argument validation of the batch norm ops, shared by the CPU and CUDA entry points so
-// that both reject the same inputs with the same words (each message names the op and the
-// argument). See NOTE [Task-batched batch norm] in mamlpp/batch_norm.h for the semantics.
+// Host side of the batch norm ops shared by the CPU and CUDA entry points, written once: the
+// complete argument checks of each op (each message names the op and the argument, so both
+// devices reject the same inputs with the same words), the operands as both devices' kernels
+// read them, and the dispatch from the input dtype and the op's runtime flags to compile-time
+// ones. See NOTE [Task-batched batch norm] in mamlpp/batch_norm.h for the semantics.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace mamlpp {
@@ -23,56 +26,98 @@ struct BnGeometry {
   int64_t count() const { return batch * inner; }  // M: elements per group
 };
 
-// input: 2-D (N, T*C) or 4-D (N, T*C, H, W), floating point; tasks >= 1 divides T*C.
-BnGeometry check_bn_input(const char* op, const at::Tensor& input, int64_t tasks);
+// The arguments of one call of a batch norm op, validated, in the form the kernels read them.
+// Every tensor is contiguous; an absent optional tensor is nullopt (or undefined).
+struct BnArgs {
+  BnGeometry geo;
+  at::Tensor input;
+  std::optional<at::Tensor> weight;   // nullopt without affine
+  std::optional<at::Tensor> bias;     // forwards only; nullopt without affine
+  std::vector<int64_t> affine_shape;  // shape of the affine gradients: weight's, or (C,)
+  bool training = true;
+  int64_t step = 0;
+  double eps = 0.0;
+  bool activation = false;       // the LeakyReLU is fused (forwards: negative_slope given;
+                                 // backward ops: out given)
+  double negative_slope = 0.0;   // its slope a >= 0, when `activation`
+  // batch_norm_eval and the backward ops: the statistics in the opmath dtype of input. Group g
+  // uses element [stats_offset + g % stats_period] of mean and var: training, the (T*C,) batch
+  // statistics (offset 0, period G); evaluation, row `step` of the (S, C) running statistics
+  // (offset step * C, period C).
+  at::Tensor mean;
+  at::Tensor var;
+  int64_t stats_offset = 0;
+  int64_t stats_period = 1;
+  // The backward ops.
+  at::Tensor grad_out;
+  at::Tensor out;  // the forward's output when `activation`, else undefined
+  // _batch_norm_double_backward: the upstream gradients (absent: zero).
+  at::Tensor grad_grad_input;                 // like input, or undefined
+  std::optional<at::Tensor> grad_grad_weight;  // affine_shape, or nullopt
+  std::optional<at::Tensor> grad_grad_bias;    // affine_shape, or nullopt
+};
 
-// weight and bias: both None, or both of shape (C,) (shared by the tasks) or (T, C) (per
-// task), with the dtype and device of input.
-void check_bn_affine(const char* op, const BnGeometry& geo, const at::Tensor& input,
-                     const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias);
+// The complete argument checks of each op, one function per op for both devices (schemas and
+// semantics in csrc/ops.cpp).
+BnArgs batch_norm_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias, int64_t tasks, double eps,
+                       const std::optional<double>& negative_slope);
+BnArgs batch_norm_eval_args(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                            const at::Tensor& running_var, int64_t tasks, int64_t step, double eps,
+                            const std::optional<double>& negative_slope);
+BnArgs batch_norm_backward_args(const at::Tensor& grad_out, const at::Tensor& input,
+                                const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& out, const at::Tensor& mean,
+                                const at::Tensor& var, int64_t tasks, int64_t step, bool training,
+                                double eps, double negative_slope);
+BnArgs batch_norm_double_backward_args(const std::optional<at::Tensor>& grad_grad_input,
+                                       const std::optional<at::Tensor>& grad_grad_weight,
+                                       const std::optional<at::Tensor>& grad_grad_bias,
+                                       const at::Tensor& grad_out, const at::Tensor& input,
+                                       const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& out,
+                                       const at::Tensor& mean, const at::Tensor& var,
+                                       int64_t tasks, int64_t step, bool training, double eps,
+                                       double negative_slope);
+// batch_norm_update_stats_ (which writes in place: nothing to prepare). Returns C.
+int64_t check_batch_norm_update_stats_args(const at::Tensor& running_mean,
+                                           const at::Tensor& running_var, const at::Tensor& mean,
+                                           const at::Tensor& var, int64_t tasks, int64_t step,
+                                           int64_t count);
 
-// `t` has the shape, dtype and device of input.
-void check_bn_like(const char* op, const char* name, const at::Tensor& t, const at::Tensor& input);
+// ---- dispatch ---------------------------------------------------------------------------------
+//
+// bn_dispatch(dtype, flag..., fn) calls fn(BnType<scalar_t>{}, std::bool_constant<flag>{}...) for
+// the input dtype (float32, float64, float16, bfloat16; validated before) and one or two runtime
+// flags (the fused activation; the presence of an upstream gradient), so the kernels get them as
+// template arguments. The one place where both devices turn runtime choices into instantiations.
 
-// Running statistics table: 2-D (S, C), floating point of input's dtype or float32, on input's
-// device, 0 <= step < S.
-void check_bn_running_stats(const char* op, const char* name, const at::Tensor& t,
-                            const BnGeometry& geo, const at::Tensor& input, int64_t step);
+template <typename T>
+struct BnType {
+  using type = T;
+};
 
-// Batch statistics of a training forward: 1-D (T*C,), of the opmath dtype of input (float32,
-// float64 for float64 input), on input's device.
-void check_bn_batch_stats(const char* op, const char* name, const at::Tensor& t,
-                          const BnGeometry& geo, const at::Tensor& input);
+template <typename Fn>
+void bn_dispatch(at::ScalarType dtype, bool flag, const Fn& fn) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mamlpp_ext batch norm", [&] {
+    if (flag) {
+      fn(BnType<scalar_t>{}, std::true_type{});
+    } else {
+      fn(BnType<scalar_t>{}, std::false_type{});
+    }
+  });
+}
 
-// The statistics argument pair of the backward ops: batch statistics when training, running
-// statistics (with step) otherwise.
-void check_bn_stats(const char* op, bool training, const at::Tensor& mean, const at::Tensor& var,
-                    const BnGeometry& geo, const at::Tensor& input, int64_t step);
-
-// Negative slope of the fused activation: finite and >= 0 (the backward ops read the slope from
-// the sign of the saved output, which is only right for a >= 0). nullopt (no activation) passes.
-void check_bn_negative_slope(const char* op, const std::optional<double>& negative_slope);
-
-// Shape of the affine gradients: weight's shape, or (C,) without affine.
-std::vector<int64_t> bn_affine_shape(const BnGeometry& geo,
-                                     const std::optional<at::Tensor>& weight);
-
-// Statistics as the kernels read them: a contiguous tensor of the opmath dtype of input,
-// element [row * K + g % K] (K = its last size) for group g.
-at::Tensor bn_stats_operand(const at::Tensor& stats, const at::Tensor& input);
-
-// Arguments of batch_norm_update_stats_.
-void check_bn_update_stats(const char* op, const at::Tensor& running_mean,
-                           const at::Tensor& running_var, const at::Tensor& mean,
-                           const at::Tensor& var, int64_t tasks, int64_t step, int64_t count);
-
-}  // namespace mamlpp
-
-namespace mamlpp {
-
-// Training mode needs more than one element per (task, channel) group (or none at all): the
-// unbiased variance of the running statistics is undefined for one value (ATen's rule).
-void check_bn_training_count(const char* op, const BnGeometry& geo, const at::Tensor& input);
+template <typename Fn>
+void bn_dispatch(at::ScalarType dtype, bool flag1, bool flag2, const Fn& fn) {
+  bn_dispatch(dtype, flag1, [&](auto type, auto first) {
+    if (flag2) {
+      fn(type, first, std::true_type{});
+    } else {
+      fn(type, first, std::false_type{});
+    }
+  });
+}
 
 }  // namespace mamlpp
