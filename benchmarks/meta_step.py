@@ -10,8 +10,11 @@ backward and the Adam step. Cases, with the public settings (SPEC §4), at epoch
 
 Backends: ``sequential`` (tasks one after another, pure autograd; the baseline), ``batched``
 (all tasks at once, pure autograd) and ``fused`` (batched + compiled ops; skipped without the
-extension). Reports the median seconds per meta-step after warm-up, the speed-up over
-``sequential`` and, on CUDA, the peak memory allocated during the timed steps.
+extension); on CUDA also ``batched+graph`` and ``fused+graph`` (the step captured as a CUDA
+graph and replayed, batches copied in from pinned memory). ``--meta-step-conv-layouts`` adds
+rows per convolution layout (NOTE [Convolution layout] in model/network.py). Reports the median
+seconds per meta-step after warm-up, the speed-up over ``sequential`` and, on CUDA, the peak
+memory allocated during the timed steps.
 
     python benchmarks/meta_step.py [--quick] [--device cuda] [--json out.json]
     python benchmarks/inner_loop.py --what meta-step      # the same, through the driver
@@ -32,6 +35,7 @@ import timing  # noqa: E402
 CASES = ("omniglot-5way-1shot", "omniglot-20way-1shot", "mini-imagenet-5way-1shot")
 QUICK_CASES = ("omniglot-5way-1shot", "omniglot-20way-1shot")
 BACKENDS = ("sequential", "batched", "fused")
+GRAPH_BACKENDS = ("batched+graph", "fused+graph")
 COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("tasks", "T", "d"),
            ("median_s", "median s/step", ".4f"), ("iqr_s", "iqr s", ".4f"), ("runs", "runs", "d"),
            ("speedup_vs_sequential", "vs sequential", ".2f"), ("speedup_vs_batched", "vs batched", ".2f"),
@@ -48,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated backends (default: all; fused is skipped without the extension)")
     g.add_argument("--meta-step-dtype", default="float32", choices=["float32", "float64"],
                    help="dtype of the meta-parameters and images (default float32)")
+    g.add_argument("--meta-step-conv-layouts", default="",
+                   help="comma-separated convolution layouts to time for the batched backends (grouped, per_task); "
+                        "default: the learner's own choice only")
     g.add_argument("--meta-step-repeats", type=int, default=None,
                    help="timed meta-steps per backend (default 3 with --quick, else 10)")
 
@@ -79,8 +86,14 @@ def run(args) -> list[dict]:
     cases = [c for c in cases_arg.split(",") if c]
     backends = [b for b in getattr(args, "meta_step_backends", ",".join(BACKENDS)).split(",") if b]
     for b in backends:
-        if b not in BACKENDS:
-            raise SystemExit(f"--meta-step-backends: unknown backend {b!r}; expected some of {BACKENDS}")
+        if b not in BACKENDS + GRAPH_BACKENDS:
+            raise SystemExit(f"--meta-step-backends: unknown backend {b!r}; expected some of "
+                             f"{BACKENDS + GRAPH_BACKENDS}")
+    if device.type == "cuda" and getattr(args, "meta_step_backends", None) in (None, ",".join(BACKENDS)):
+        backends += [b for b in GRAPH_BACKENDS if b.split("+")[0] in backends]
+    layouts = [v for v in getattr(args, "meta_step_conv_layouts", "").split(",") if v]
+    variants = [(b, None) for b in backends]
+    variants += [(b, lay) for lay in layouts for b in backends if b != "sequential"]
     repeats = getattr(args, "meta_step_repeats", None) or (3 if args.quick else 10)
     warmup = 1 if args.quick else 2
 
@@ -89,21 +102,32 @@ def run(args) -> list[dict]:
         cfg = from_preset(case)  # second order, MSL on at epoch 0, 5 inner steps: the public settings
         batch = _batch(cfg, device, dtype)
         case_rows = []
-        for backend in backends:
-            row = dict(section="meta-step", case=case, backend=backend, tasks=cfg.meta_batch, ways=cfg.ways,
+        for backend, layout in variants:
+            label = backend if layout is None else f"{backend}/{layout}"
+            name, graph = backend.split("+")[0], backend.endswith("+graph")
+            row = dict(section="meta-step", case=case, backend=label, tasks=cfg.meta_batch, ways=cfg.ways,
                        shots=cfg.shots, queries=cfg.queries, inner_steps=cfg.inner_steps, device=str(device),
                        dtype=str(dtype).replace("torch.", ""), median_s=None, note="")
-            if backend == "fused" and not mamlpp_ext.has_extension():
+            if name == "fused" and not mamlpp_ext.has_extension():
                 row["note"] = "extension not built"
                 case_rows.append(row)
                 continue
-            learner = MAMLPlusPlus(cfg, backend=backend, device=device, dtype=dtype)
+            learner = MAMLPlusPlus(cfg, backend=name, device=device, dtype=dtype, graph=graph)
+            if layout is not None:
+                learner.net.conv_layout = layout
+            row["conv_layout"] = learner.net.conv_layout
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
-            t = timing.median_time(lambda: learner.meta_step(*batch, epoch=0), device, warmup=warmup,
-                                   repeats=repeats)
+            if graph:  # host batch (pinned) copied into the graph's buffers; no read-back per step
+                host = [t.cpu().pin_memory() for t in batch]
+                t = timing.median_time(lambda: learner.train_step(*host, epoch=0), device,
+                                       warmup=warmup + learner.graph.warmup_steps + 1, repeats=repeats)
+                row["captures"] = learner.graph.captures
+            else:
+                t = timing.median_time(lambda: learner.meta_step(*batch, epoch=0), device, warmup=warmup,
+                                       repeats=repeats)
             row.update(median_s=t["median"], min_s=t["min"], iqr_s=t["iqr"], runs=t["runs"])
             if device.type == "cuda":
                 row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
