@@ -39,7 +39,8 @@ def _load(name: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", choices=["all", *SECTIONS], default="all", help="which benchmark (default: all)")
+    parser.add_argument("--what", default="all",
+                        help=f"comma-separated benchmarks: all or some of {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a short smoke run")
@@ -49,7 +50,10 @@ def main(argv=None) -> int:
         if mod is not None and hasattr(mod, "add_arguments"):
             mod.add_arguments(parser)
     args = parser.parse_args(argv)
-    names = list(SECTIONS) if args.what == "all" else [args.what]
+    names = list(SECTIONS) if args.what == "all" else [n for n in args.what.split(",") if n]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        parser.error(f"--what: unknown benchmark(s) {unknown}; choose from all, {', '.join(SECTIONS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda was given but no CUDA device is available")
 

@@ -3,16 +3,22 @@
 #   scripts/gpu_check.sh [OUTDIR]
 # 1. prints the GPU and versions; 2. builds the extension with the machine's own torch
 # (pip install --no-build-isolation --no-deps ., MAX_JOBS = cores, arch = this GPU's);
-# 3. calls the ops with bad arguments, one child process per call (scripts/probe_error_paths.py);
-# 4. runs the CUDA tests, then the rest of the suite (pytest-xdist when installed);
-# 5. runs the CUDA benchmarks (update, batch norm, meta-step) into bench.json;
-# 6. trains Omniglot 5-way 1-shot on the GPU with the full public schedule for TRAIN_SECONDS
-#    (default 90), stops it with SIGTERM (which checkpoints), and evaluates on the 600 test tasks.
-# Writes at most 8 files into OUTDIR (default: $OUT, else ./gpu_out) and ends with a summary.
-# Budget: about 6-7 minutes on an H100 (each step has its own timeout).
+# then, what the graph-mode issue needs measured first:
+# 3. graph: the graph-mode CUDA tests (replay equals eager, no sync during replay);
+# 4. graph-bench: the meta-step benchmark on CUDA with graph-mode rows (graph_bench.json) and a
+#    torch.profiler summary of one eager batched and fused step (profile_*.json);
+# 5. train: Omniglot 5-way 1-shot, full public schedule, graph mode, for TRAIN_SECONDS (default
+#    240), stopped with SIGTERM (which checkpoints; continue with --resume in a later slot), and
+#    evaluated on the 600 test tasks;
+# then the rest:
+# 6. calls the ops with bad arguments, one child process per call (scripts/probe_error_paths.py);
+# 7. runs the other CUDA tests, then the rest of the suite (pytest-xdist when installed);
+# 8. runs the other CUDA benchmarks (update, batch norm) into bench.json.
+# Writes at most 12 files into OUTDIR (default: $OUT, else ./gpu_out) and ends with a summary.
+# Budget: about 9-10 minutes on an H100 (each step has its own timeout); SKIP trims it.
 # Omniglot: set MAMLPP_OMNIGLOT_ROOT, or carry a copy in ./gpu_data/omniglot; a preprocessed
 # cache entry carried in ./gpu_data/omniglot_cache (meta.json + images-*.npy) saves decoding it.
-# SKIP="probe cuda-tests tests bench train" skips steps by name.
+# SKIP="graph graph-bench train probe cuda-tests tests bench" skips steps by name.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUTDIR="${1:-${OUT:-$REPO/gpu_out}}"
@@ -20,7 +26,7 @@ mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 PY="${PYTHON:-python3}"
 SKIP="${SKIP:-}"
-TRAIN_SECONDS="${TRAIN_SECONDS:-90}"
+TRAIN_SECONDS="${TRAIN_SECONDS:-240}"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 if [ -z "${MAMLPP_OMNIGLOT_ROOT:-}" ] && [ -d "$REPO/gpu_data/omniglot" ]; then
@@ -80,7 +86,46 @@ print("omniglot cache placed in", entry.folder)
 EOF
 fi
 
-# 3. error paths: every bad call must raise, not kill the process (one child process per call)
+# 3. graph mode: replay equals eager, no host sync during replay (tests/test_graph_mode.py)
+TIMEOUT_OPT=""
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout 120"
+if ! skipped graph; then
+  timeout 150 "$PY" -m pytest "$REPO/tests/test_graph_mode.py" $TIMEOUT_OPT -q -rfEs --tb=short -p no:cacheprovider \
+    > "$OUTDIR/tests_graph.log" 2>&1
+  rc=$?
+  status graph "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUTDIR/tests_graph.log")"
+fi
+
+# 4. the meta-step on CUDA: eager and graph mode per backend, then where an eager step's time goes
+if ! skipped graph-bench; then
+  timeout 150 "$PY" "$REPO/benchmarks/meta_step.py" --device cuda --json "$OUTDIR/graph_bench.json" \
+    > "$OUTDIR/graph_bench.log" 2>&1
+  rc=$?
+  timeout 90 "$PY" "$REPO/scripts/profile_step.py" --device cuda --out "$OUTDIR" > "$OUTDIR/profile.log" 2>&1 || rc=1
+  status graph-bench "$([ $rc = 0 ] && echo ok || echo FAIL)" "graph_bench.log / profile_*.json"
+fi
+
+# 5. the public Omniglot 5-way 1-shot schedule on the GPU in graph mode, for as long as TRAIN_SECONDS allows
+if ! skipped train && [ -n "${MAMLPP_OMNIGLOT_ROOT:-}" ]; then
+  RUN=/tmp/mamlpp_gpu_run
+  rm -rf "$RUN"
+  {
+    echo "== train: omniglot-5way-1shot, full public schedule, fused, cuda, graph mode, stopped after ${TRAIN_SECONDS}s"
+    timeout -s TERM -k 30 "$TRAIN_SECONDS" "$PY" -m mamlpp_ext.training.train --preset omniglot-5way-1shot \
+      --backend fused --device cuda --graph on --workers 4 --run-dir "$RUN" --no-progress --log-every 500
+    echo "train exit: $?"
+    echo "== metrics.csv"; cat "$RUN/metrics.csv" 2>/dev/null
+    echo "== last train records"; grep '"kind": *"train"' "$RUN/metrics.jsonl" 2>/dev/null | tail -3
+    grep '"kind": *"interrupt"' "$RUN/metrics.jsonl" 2>/dev/null | tail -1
+    if [ -f "$RUN/checkpoints/best.json" ]; then TARGET="$RUN"; else TARGET="$RUN/checkpoints/latest.pt"; fi
+    echo "== eval: $TARGET"
+    timeout 90 "$PY" -m mamlpp_ext.training.evaluate "$TARGET" --device cuda --graph on
+    echo "eval exit: $?"
+  } > "$OUTDIR/train.log" 2>&1
+  status train done "$(grep -m1 'test: accuracy' "$OUTDIR/train.log" | cut -c1-100) (train.log)"
+fi
+
+# 6. error paths: every bad call must raise, not kill the process (one child process per call)
 PROBE_RC=0
 if ! skipped probe; then
   timeout 150 "$PY" "$REPO/scripts/probe_error_paths.py" --device cpu --gdb > "$OUTDIR/probe.log" 2>&1
@@ -89,12 +134,10 @@ if ! skipped probe; then
   status probe "$([ $PROBE_RC = 0 ] && echo ok || echo FAIL)" "$(grep -c CRASHED "$OUTDIR/probe.log") crashing calls (probe.log)"
 fi
 
-# 4. tests: the CUDA tests first (one process), then the rest of the suite (xdist when installed);
+# 7. tests: the other CUDA tests first (one process), then the rest of the suite (xdist when installed);
 #    when the probe saw crashes, the rejected-input tests are left to it (a crash kills a worker).
-TIMEOUT_OPT=""
-"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout 120"
 if ! skipped cuda-tests; then
-  timeout 200 "$PY" -m pytest "$REPO/tests" -k cuda $TIMEOUT_OPT -q -rfEs --tb=short -p no:cacheprovider \
+  timeout 200 "$PY" -m pytest "$REPO/tests" -k "cuda and not test_graph_mode" $TIMEOUT_OPT -q -rfEs --tb=short -p no:cacheprovider \
     > "$OUTDIR/tests_cuda.log" 2>&1
   rc=$?
   status cuda-tests "$([ $rc = 0 ] && echo ok || echo FAIL)" "$(tail -1 "$OUTDIR/tests_cuda.log")"
@@ -110,32 +153,12 @@ if ! skipped tests; then
   status tests "$([ $rc = 0 ] && echo ok || echo FAIL)" "-k '$SEL': $(tail -1 "$OUTDIR/tests.log")"
 fi
 
-# 5. benchmarks on CUDA
+# 8. the other benchmarks on CUDA
 if ! skipped bench; then
-  timeout 150 "$PY" "$REPO/benchmarks/inner_loop.py" --device cuda --json "$OUTDIR/bench.json" \
+  timeout 150 "$PY" "$REPO/benchmarks/inner_loop.py" --device cuda --what update,batchnorm,host --json "$OUTDIR/bench.json" \
     > "$OUTDIR/bench.log" 2>&1
   rc=$?
   status bench "$([ $rc = 0 ] && echo ok || echo FAIL)" "bench.log / bench.json"
-fi
-
-# 6. the public Omniglot 5-way 1-shot schedule on the GPU, for as long as TRAIN_SECONDS allows
-if ! skipped train && [ -n "${MAMLPP_OMNIGLOT_ROOT:-}" ]; then
-  RUN=/tmp/mamlpp_gpu_run
-  rm -rf "$RUN"
-  {
-    echo "== train: omniglot-5way-1shot, full public schedule, fused, cuda, stopped after ${TRAIN_SECONDS}s"
-    timeout -s TERM -k 30 "$TRAIN_SECONDS" "$PY" -m mamlpp_ext.training.train --preset omniglot-5way-1shot \
-      --backend fused --device cuda --workers 4 --run-dir "$RUN" --no-progress --log-every 100
-    echo "train exit: $?"
-    echo "== metrics.csv"; cat "$RUN/metrics.csv" 2>/dev/null
-    echo "== last train records"; grep '"kind": *"train"' "$RUN/metrics.jsonl" 2>/dev/null | tail -3
-    grep '"kind": *"interrupt"' "$RUN/metrics.jsonl" 2>/dev/null | tail -1
-    if [ -f "$RUN/checkpoints/best.json" ]; then TARGET="$RUN"; else TARGET="$RUN/checkpoints/latest.pt"; fi
-    echo "== eval: $TARGET"
-    timeout 60 "$PY" -m mamlpp_ext.training.evaluate "$TARGET" --device cuda
-    echo "eval exit: $?"
-  } > "$OUTDIR/train.log" 2>&1
-  status train done "$(grep -m1 'test: accuracy' "$OUTDIR/train.log" | cut -c1-100) (train.log)"
 fi
 
 echo; echo "== summary ($(( $(date +%s) - START )) s) =="
