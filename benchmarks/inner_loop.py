@@ -4,6 +4,8 @@
     python benchmarks/inner_loop.py --what update         # the fused LSLR update
     python benchmarks/inner_loop.py --what batchnorm      # per-step batch norm
     python benchmarks/inner_loop.py --what meta-step      # one MAML++ meta-step per backend
+    python benchmarks/inner_loop.py --what host           # ops, Python calls, host time per meta-step
+    python benchmarks/inner_loop.py --what sampling       # episode sampling per meta-batch
     python benchmarks/inner_loop.py --quick --json out.json
 
 Each section warms up, takes medians of many runs (CUDA timed with events), prints a table and
@@ -25,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import timing  # noqa: E402
 
 # section name -> module in benchmarks/ exposing add_arguments(parser), run(args) -> rows, COLUMNS
-SECTIONS = {"update": "update", "batchnorm": "batchnorm", "meta-step": "meta_step", "sampling": "sampling", "host": "host"}
+SECTIONS = {"update": "update", "batchnorm": "batchnorm", "meta-step": "meta_step", "sampling": "sampling",
+            "host": "host"}
 
 
 def _load(name: str):
