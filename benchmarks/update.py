@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import time
 
 import torch
 
@@ -104,13 +105,17 @@ COLUMNS = [("case", "case", ""), ("T", "T", "d"), ("elements", "elements", ",d")
            ("pct_of_copy_bw", "% copy BW", ".0f")]
 
 
-def _faults_per_call(fn, calls: int) -> float:
-    """Minor page faults of the whole process per fn() call (after one untimed call)."""
+def _faults_and_cpu_per_call(fn, calls: int) -> tuple[float, float]:
+    """Minor page faults of the whole process and CPU seconds of the calling thread per fn() call
+    (after one untimed call). At one intra-op thread all work runs on the calling thread, so its
+    CPU time is the call's cost without the time spent descheduled by other load."""
     fn()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.thread_time()
     for _ in range(calls):
         fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+    cpu = (time.thread_time() - t0) / calls
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls, cpu
 
 
 def _vs_torch_impls(ops_entry, params, grads, lrs, step):
@@ -164,20 +169,24 @@ def run_vs_torch(args) -> list[dict]:
             impls = _vs_torch_impls(ops_entry, ps, grads, lrs, step)
             if params_kind == "task-broadcast":  # torch.dot needs dense operands
                 impls = {k: v for k, v in impls.items() if not k.startswith("torch.dot")}
+            if args.impls:  # a subset, e.g. one implementation alone in the process
+                impls = {k: v for k, v in impls.items() if any(w in k for w in args.impls)}
             fns = {k: fn for k, (_, fn) in impls.items()}
-            fns["copy_ (same size)"] = lambda: copy_dst.copy_(copy_src)
+            if not args.impls or "copy" in args.impls:
+                fns["copy_ (same size)"] = lambda: copy_dst.copy_(copy_src)
             load_before = os.getloadavg()
             with torch.no_grad():
                 res = timing.interleaved_medians(fns, device, repeats=args.vs_torch_repeats, warmup=20,
                                                  rounds=10)
-                faults = {k: _faults_per_call(fn, 50) for k, fn in fns.items()}
+                faults_cpu = {k: _faults_and_cpu_per_call(fn, 100) for k, fn in fns.items()}
             load_after = os.getloadavg()
             p_bytes = (row_numel if params_kind == "task-broadcast" else numel) * 4
             traffic = {"update": p_bytes + 2 * numel * 4, "scale": 2 * numel * 4,
                        "dot": p_bytes + numel * 4, "copy": 2 * numel * 4}
-            base = {"update": res["torch.sub loop"]["median"], "scale": res["torch.mul loop"]["median"],
-                    "dot": res["fused _lslr_dot"]["median"], "copy": res["copy_ (same size)"]["median"]}
-            copy_GBps = traffic["copy"] / res["copy_ (same size)"]["median"] / 1e9
+            base = {kind: res[name]["median"] if name in res else float("nan") for kind, name in (
+                ("update", "torch.sub loop"), ("scale", "torch.mul loop"), ("dot", "fused _lslr_dot"),
+                ("copy", "copy_ (same size)"))}
+            copy_GBps = traffic["copy"] / base["copy"] / 1e9
             for name, r in res.items():
                 kind = impls[name][0] if name in impls else "copy"
                 GBps = traffic[kind] / r["median"] / 1e9
@@ -186,7 +195,8 @@ def run_vs_torch(args) -> list[dict]:
                     "elements": numel, "op": kind, "impl": name, "median_ms": r["median"] * 1e3,
                     "min_ms": r["min"] * 1e3, "runs": r["runs"],
                     "speedup_vs_torch": base[kind] / r["median"], "GBps": GBps,
-                    "pct_of_copy": 100 * GBps / copy_GBps, "faults_per_call": faults[name],
+                    "pct_of_copy": 100 * GBps / copy_GBps, "faults_per_call": faults_cpu[name][0],
+                    "thread_cpu_ms": faults_cpu[name][1] * 1e3,
                     "load_before": round(load_before[0], 2), "load_after": round(load_after[0], 2),
                     "library": library, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
                 })
@@ -197,6 +207,7 @@ VS_TORCH_COLUMNS = [("threads", "thr", "d"), ("params", "params", ""), ("op", "o
                     ("median_ms", "median ms", ".3f"), ("min_ms", "min ms", ".3f"),
                     ("speedup_vs_torch", "vs torch", ".2f"), ("GBps", "GB/s", ".1f"),
                     ("pct_of_copy", "% copy", ".0f"), ("faults_per_call", "faults/call", ".0f"),
+                    ("thread_cpu_ms", "cpu ms", ".3f"),
                     ("load_before", "load0", ".2f"), ("load_after", "load1", ".2f")]
 
 
@@ -211,6 +222,9 @@ def main(argv=None):
                         help="--vs-torch: comma-separated intra-op thread counts (default 1,2)")
     parser.add_argument("--library", default=None,
                         help="--vs-torch: path of a built _C library to load instead of mamlpp_ext")
+    parser.add_argument("--impls", type=lambda s: s.split(","), default=None,
+                        help="--vs-torch: only implementations whose name contains one of these "
+                             "comma-separated words (the same-size copy_ runs only if one is 'copy')")
     parser.add_argument("--vs-torch-tasks", type=int, default=8, help="--vs-torch: T (default 8)")
     parser.add_argument("--vs-torch-repeats", type=int, default=400,
                         help="--vs-torch: timed calls per implementation (default 400)")

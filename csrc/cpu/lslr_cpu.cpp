@@ -13,8 +13,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <c10/core/CPUAllocator.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/CPUAllocator.h>
 #include <c10/util/ParallelGuard.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
@@ -36,7 +36,8 @@
 // parallel branch is a `#pragma omp parallel` that exists only when the including file is
 // compiled with -fopenmp (the header tests _OPENMP); without it the header runs the whole range
 // on the calling thread. setup.py does not pass -fopenmp, so at::parallel_for in this extension
-// is serial whatever torch.set_num_threads says (measured: one thread busy at 2 threads). Here the
+// is serial whatever torch.set_num_threads says (perf at 2 threads: every sample of these
+// kernels, and of the batch-norm kernels, on the calling thread; benchmarks/RESULTS.md). Here the
 // pass enters torch's own OpenMP thread team through libgomp's GOMP_parallel, the call GCC emits
 // for `#pragma omp parallel`, with the team size torch configured (num_threads 0: the calling
 // thread's nthreads ICV, which torch.set_num_threads sets); libgomp is loaded with libtorch_cpu.
@@ -323,13 +324,16 @@ std::vector<double> rate_column(const at::Tensor& lrs, int64_t step, double alph
 // NOTE [One allocation for the outputs]
 // The K outputs of a call are carved from one allocation, each with its own storage (so no two
 // outputs alias) whose deleter releases a reference to the shared block. Why: with K separate
-// allocations glibc returned some of the freed outputs' pages to the kernel between calls, and the
-// next call's first touch of them page-faulted (on this 2-core VM 90-620 faults, 0.1-2 ms, per
-// call on the Omniglot list at T=8, against 0.08-0.2 ms for the arithmetic). glibc serves a block
-// that was once freed from its heap and keeps it there (its mmap threshold rises to the largest
-// freed block, up to 32 MiB), so steady-state calls take no faults; measured in
-// benchmarks/RESULTS.md. The cost: one live output keeps the whole block alive; the outputs of a
-// MAML inner step live and die together. The storages keep the CPU allocator, so resize_ works.
+// allocations glibc gave some of the freed outputs' pages back to the kernel between calls (how
+// many depends on what the process allocated before), and the next call's first touch of them
+// page-faulted: up to 544 faults, 1-1.5 ms, per call on the Omniglot list at T=8 on the project's
+// 2-core VM, against 0.08-0.2 ms for the arithmetic. Once a block of the list's size has been
+// freed, glibc's mmap and trim thresholds rise to its size (up to 32 MiB); it then serves the
+// block from its heap and keeps the pages, so steady-state calls take no faults
+// (benchmarks/RESULTS.md, issue 11). Blocks above 32 MiB are mapped afresh on every call, as
+// separate outputs of that size were. The cost: one live output keeps the whole block alive; the
+// outputs of a MAML inner step live and die together. The storages keep the CPU allocator, so
+// resize_ works.
 constexpr int64_t kOutputAlign = 64;  // bytes; every output starts on a cache line
 
 void release_block(void* ctx) {
