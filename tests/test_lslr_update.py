@@ -164,6 +164,101 @@ def test_dot_is_deterministic_and_thread_count_independent():
     torch.testing.assert_close(results[0], ref.lslr_dot(xs, ys, lrs, 1, 1.0), rtol=1e-6, atol=1e-4)
 
 
+# Large enough that the CPU pass is split over threads (kMinElementsPerThread = 32768 per thread in
+# csrc/cpu/lslr_cpu.cpp), with sizes that put part and block (kDotBlock = 16384) boundaries inside
+# tensors, plus an empty tensor, a 0-d-per-task tensor and tensors smaller than one vector.
+SPLIT_SHAPES = [(5,), (0,), (12_289,), (), (3, 7), (40_001,), (64, 64, 3, 3), (1,), (16_384,), (129,)]
+
+
+def _at_threads(n, fn):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("bcast", ["dense", "params", "both"])
+def test_cpu_parallel_pass_is_thread_count_independent(dtype, bcast):
+    """update, scale and dot give bit-identical results at 1, 2 and 3 threads, and match the reference."""
+    T = 4
+    params, grads, lrs = make_case(SPLIT_SHAPES, T=T, dtype=dtype, seed=21)
+    if bcast in ("params", "both"):
+        params = [p[0].expand_as(p) if p.dim() > 0 and p.shape[0] == T else p for p in params]
+    if bcast == "both":
+        grads = [g[1].expand_as(g) for g in grads]
+    assert sum(p.numel() for p in params) > 3 * 32768
+    results = {}
+    for n in (1, 2, 3):
+        results[n] = _at_threads(n, lambda: (ops.lslr_update(params, grads, lrs, 2),
+                                             OPS._lslr_scale(grads, lrs, 1, -0.5),
+                                             OPS._lslr_dot(params, grads, lrs, 3, 0.25)))
+    for n in (2, 3):
+        for a, b in zip(results[1][0] + results[1][1], results[n][0] + results[n][1]):
+            assert torch.equal(a, b)
+        assert torch.equal(results[1][2], results[n][2])
+    up, sc, dot = results[2]
+    assert_list_close(up, expected_update(params, grads, lrs, 2), dtype)
+    exp_sc = [e.to(dtype) for e in ref.lslr_scale([g.double() for g in grads], lrs.double(), 1, -0.5)]
+    assert_list_close(sc, exp_sc, dtype)
+    exp_dot = ref.lslr_dot([p.double() for p in params], [g.double() for g in grads], lrs.double(), 3, 0.25)
+    torch.testing.assert_close(dot, exp_dot.to(dot.dtype), **TOL[dtype])
+
+
+def test_dot_broadcast_is_thread_count_independent():
+    """_lslr_dot with task-broadcast operands (step-0 params) gives one result at any thread count."""
+    g = torch.Generator().manual_seed(22)
+    T = 8
+    theta = [torch.randn(s, generator=g) for s in OMNIGLOT_SHAPES]
+    xs = [t.expand(T, *t.shape) for t in theta]
+    ys = make_list(OMNIGLOT_SHAPES, T, gen=g)
+    lrs = torch.randn(len(theta), 5, generator=g)
+    results = [_at_threads(n, lambda: OPS._lslr_dot(xs, ys, lrs, 4, -1.5)) for n in (1, 2, 3, 1)]
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+    exp = ref.lslr_dot([x.double() for x in xs], [y.double() for y in ys], lrs.double(), 4, -1.5)
+    torch.testing.assert_close(results[0], exp.float(), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("op", ["update", "scale"])
+def test_cpu_outputs_are_independent_tensors(op):
+    """The CPU outputs share one allocation (NOTE [One allocation for the outputs]) but behave as
+    separate tensors: own storages, no overlap, each value survives the others, resize_ works."""
+    params, grads, lrs = make_case(SPLIT_SHAPES, T=3, seed=23)
+    if op == "update":
+        outs = ops.lslr_update(params, grads, lrs, 1)
+        expected = expected_update(params, grads, lrs, 1)
+    else:
+        outs = OPS._lslr_scale(params, lrs, 1, 2.0)
+        expected = ref.lslr_scale(params, lrs, 1, 2.0)
+    spans = []
+    for o, p in zip(outs, params):
+        st = o.untyped_storage()
+        assert o.is_contiguous() and o.storage_offset() == 0 and o.shape == p.shape
+        assert st.nbytes() == o.numel() * o.element_size()
+        if o.numel():
+            spans.append((st.data_ptr(), st.data_ptr() + st.nbytes()))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two outputs overlap
+    # Writing one output changes no other; dropping all but one keeps its values.
+    keep = 6
+    outs[keep - 1].fill_(7.0)
+    torch.testing.assert_close(outs[keep], expected[keep])
+    kept = outs[keep]
+    del outs
+    import gc
+
+    gc.collect()
+    _ = [torch.randn(p.shape) for p in params]  # reuse freed memory, if any was freed
+    torch.testing.assert_close(kept, expected[keep])
+    # The storage is resizable (it keeps the CPU allocator): growing copies the values over.
+    flat = kept.reshape(-1).clone()
+    kept.resize_(kept.numel() + 1000)
+    assert torch.equal(kept[: flat.numel()], flat)
+
+
 # ------------------------------------------------------------------------------------------------
 # Derivatives
 # ------------------------------------------------------------------------------------------------
