@@ -148,7 +148,11 @@ def extensions():
     sources = (sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
                + sorted(glob.glob("csrc/autograd/*.cpp")))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
-    cxx_flags = opt + ["-fvisibility=hidden"]
+    # -fopenmp at compile time only: at::parallel_for (a header) then really runs on torch's OpenMP
+    # threads (without it the header's `#pragma omp parallel` is ignored and every CPU kernel runs
+    # on one thread). No -lgomp at link time: the OpenMP symbols resolve to the runtime libtorch_cpu
+    # already loads, so the process keeps one thread pool (NOTE [CPU parallel pass], lslr_cpu.cpp).
+    cxx_flags = opt + ["-fvisibility=hidden"] + (["-fopenmp"] if os.name == "posix" else [])
     link_args = runtime_libstdcxx()
     log(f"C++ runtime linked by path: {link_args[0] if link_args else 'not found (the driver decides)'}")
     if with_cuda:

@@ -15,7 +15,6 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/CPUAllocator.h>
-#include <c10/util/ParallelGuard.h>
 #include <c10/util/SmallVector.h>
 #include <torch/library.h>
 
@@ -35,23 +34,11 @@
 // at::parallel_for is a header template. With torch's OpenMP backend (AT_PARALLEL_OPENMP) its
 // parallel branch is a `#pragma omp parallel` that exists only when the including file is
 // compiled with -fopenmp (the header tests _OPENMP); without it the header runs the whole range
-// on the calling thread. setup.py does not pass -fopenmp, so at::parallel_for in this extension
-// is serial whatever torch.set_num_threads says (perf at 2 threads: every sample of these
-// kernels, and of the batch-norm kernels, on the calling thread; benchmarks/RESULTS.md). Here the
-// pass enters torch's own OpenMP thread team through libgomp's GOMP_parallel, the call GCC emits
-// for `#pragma omp parallel`, with the team size torch configured (num_threads 0: the calling
-// thread's nthreads ICV, which torch.set_num_threads sets); libgomp is loaded with libtorch_cpu.
-// The symbols are weak: a runtime without them leaves the pass on the calling thread. Compiled
-// with -fopenmp, or against torch's native thread pool, the pass uses at::parallel_for instead.
-#if AT_PARALLEL_OPENMP && !defined(_OPENMP) && defined(__GNUC__) && defined(__ELF__)
-#define MAMLPP_GOMP_ENTRY 1
-extern "C" {
-void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags)
-    __attribute__((weak));
-int omp_get_thread_num(void) __attribute__((weak));
-int omp_get_num_threads(void) __attribute__((weak));
-}
-#endif
+// on the calling thread, whatever torch.set_num_threads says. setup.py therefore compiles with
+// -fopenmp (and links no OpenMP runtime of its own: the symbols resolve to the one libtorch_cpu
+// loads). Each pass is one parallel region with one equal element range per thread; below
+// kMinElementsPerThread per thread it stays on the calling thread (benchmarks/RESULTS.md,
+// "CPU lslr_update against plain PyTorch").
 
 namespace mamlpp {
 namespace cpu {
@@ -181,26 +168,6 @@ double dot_loop<double>(const double* x, const double* y, int64_t n) {
 
 // ---- the parallel pass (NOTE [CPU parallel pass]) ---------------------------------------------
 
-#ifdef MAMLPP_GOMP_ENTRY
-template <typename Body>
-struct TeamArgs {
-  const Body* body;
-  int64_t parts;
-};
-
-// Runs in every thread of the team: part tid, then tid + team, ... (all parts even if the
-// runtime formed a smaller team than asked).
-template <typename Body>
-void team_entry(void* data) {
-  const auto* args = static_cast<const TeamArgs<Body>*>(data);
-  const int64_t tid = omp_get_thread_num();
-  const int64_t team = omp_get_num_threads();
-  at::internal::ThreadIdGuard tid_guard(static_cast<int>(tid));
-  c10::ParallelGuard guard(true);
-  for (int64_t p = tid; p < args->parts; p += team) (*args->body)(p);
-}
-#endif
-
 // How many parts (threads) a pass over `total` elements uses.
 int64_t parts_for(int64_t total) {
   at::internal::lazy_init_num_threads();
@@ -216,19 +183,9 @@ void run_parts(int64_t parts, const Body& body) {
     for (int64_t p = 0; p < parts; ++p) body(p);
     return;
   }
-#ifdef MAMLPP_GOMP_ENTRY
-  if (GOMP_parallel != nullptr && omp_get_thread_num != nullptr &&
-      omp_get_num_threads != nullptr) {
-    TeamArgs<Body> args{&body, parts};
-    GOMP_parallel(&team_entry<Body>, &args, /*num_threads=*/0, /*flags=*/0);
-    return;
-  }
-  for (int64_t p = 0; p < parts; ++p) body(p);
-#else
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
     for (int64_t p = b; p < e; ++p) body(p);
   });
-#endif
 }
 
 // Where each tensor of a list starts when the list's elements are numbered in list order.
