@@ -78,8 +78,9 @@ def count_step(learner, batch) -> dict:
     prof.enable()
     learner.meta_step(*batch, epoch=0)
     prof.disable()
+    top = sorted(counter.by_name.items(), key=lambda kv: -kv[1])[:12]
     return dict(ops=counter.ops, compute_ops=counter.compute, custom_ops=counter.custom,
-                py_calls=pstats.Stats(prof).total_calls, top_ops=sorted(counter.by_name.items(), key=lambda kv: -kv[1])[:12])
+                py_calls=pstats.Stats(prof).total_calls, top_ops=top)
 
 
 def run(args) -> list[dict]:

@@ -128,13 +128,15 @@ def _vs_torch_impls(ops_entry, params, grads, lrs, step):
         "fused lslr_update": ("update", lambda: update(params, grads, lrs, step)),
         "torch.sub loop": ("update", lambda: [torch.sub(p, g, alpha=a) for p, g, a in zip(params, grads, lr)]),
         "_foreach_mul+_foreach_sub": ("update", lambda: torch._foreach_sub(params, torch._foreach_mul(grads, lr))),
-        "_foreach_add(p, _foreach_mul(g, -lr))": ("update", lambda: torch._foreach_add(params, torch._foreach_mul(grads, neg_lr))),
+        "_foreach_add(p, _foreach_mul(g, -lr))": (
+            "update", lambda: torch._foreach_add(params, torch._foreach_mul(grads, neg_lr))),
         "_foreach_sub(alpha=one lr)*": ("update", lambda: torch._foreach_sub(params, grads, alpha=lr[0])),
         "fused _lslr_scale": ("scale", lambda: ops_raw._lslr_scale.default(grads, lrs, step, -0.5)),
         "_foreach_mul(g, lr)": ("scale", lambda: torch._foreach_mul(grads, lr)),
         "torch.mul loop": ("scale", lambda: [torch.mul(g, a) for g, a in zip(grads, lr)]),
         "fused _lslr_dot": ("dot", lambda: ops_raw._lslr_dot.default(params, grads, lrs, step, 1.0)),
-        "torch.dot loop (float32 acc)*": ("dot", lambda: [torch.dot(p.reshape(-1), g.reshape(-1)) for p, g in zip(params, grads)]),
+        "torch.dot loop (float32 acc)*": ("dot", lambda: [torch.dot(p.reshape(-1), g.reshape(-1))
+                                                          for p, g in zip(params, grads)]),
     }
 
 
