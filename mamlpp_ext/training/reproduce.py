@@ -82,9 +82,10 @@ def _pretty(preset: str) -> str:
 def train_command(preset: str, seed: int, runs_dir: str | Path, *, epochs: Optional[int] = None,
                   iters_per_epoch: Optional[int] = None, eval_tasks: Optional[int] = None, device: str = "auto",
                   backend: Optional[str] = None, threads: Optional[int] = None, dataset_root: Optional[str] = None,
-                  sets: Sequence[str] = (), resume: bool = False, progress: bool = True,
+                  sets: Sequence[str] = (), extra: Sequence[str] = (), resume: bool = False, progress: bool = True,
                   program: Sequence[str] = ("mamlpp-train",)) -> list[str]:
-    """The ``mamlpp-train`` command line of one configuration and seed."""
+    """The ``mamlpp-train`` command line of one configuration and seed (``extra``: more
+    ``mamlpp-train`` arguments, appended as they are)."""
     cmd = [*program, "--preset", preset, "--seed", str(seed), "--run-dir", str(Path(runs_dir) / run_dir_name(preset, seed))]
     for flag, value in (("--epochs", epochs), ("--iters-per-epoch", iters_per_epoch), ("--eval-tasks", eval_tasks),
                         ("--backend", backend), ("--threads", threads), ("--dataset-root", dataset_root)):
@@ -94,6 +95,7 @@ def train_command(preset: str, seed: int, runs_dir: str | Path, *, epochs: Optio
         cmd += ["--device", device]
     for s in sets:
         cmd += ["--set", s]
+    cmd += list(extra)
     if resume:
         cmd.append("--resume")
     if not progress:
@@ -284,8 +286,7 @@ def format_table(table: dict) -> str:
             ours = f"{e['mean']:.2f} ± {e['std']:.2f}"
         pp, pm = e["paper"]["MAML++"], e["paper"]["MAML"]
         lines.append(f"| {e['name']} | {ours} | {e['scored']} of {len(e['runs'])} | "
-                     f"{'; '.join(_run_text(r) for r in e['runs'])} | {pp[0]:.2f} ± {pp[1]:.2f} | "
-                     f"{pm[0]:.2f} ± {pm[1]:.2f} |")
+                     f"{'; '.join(_run_text(r) for r in e['runs'])} | {pp[0]} ± {pp[1]} | {pm[0]} ± {pm[1]} |")
         for r in e["runs"]:
             for n in r.get("notes", []) + ([r["error"]] if r.get("error") else []):
                 notes.append(f"- {Path(r['run_dir']).name}: {n}")
@@ -328,6 +329,8 @@ def make_parser() -> argparse.ArgumentParser:
         s.add_argument("--threads", type=int, help="torch intra-op threads of each run")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="passed to every run's mamlpp-train --set (repeatable)")
+        s.epilog = ("Any other option is passed to every mamlpp-train command as it is "
+                    "(e.g. --workers 2, --cache-dir DIR).")
     t = sub.add_parser("table", help="score the runs and print the table",
                        description="Score each run's top-k ensemble on the fixed test tasks and print, per "
                                    "configuration, the mean ± std over seeds beside the paper's numbers.")
@@ -365,15 +368,18 @@ def _commands(args, program: Sequence[str]) -> list[tuple[str, int, list[str], d
             cmd = train_command(preset, seed, args.runs_dir, epochs=args.epochs, iters_per_epoch=args.iters_per_epoch,
                                 eval_tasks=args.eval_tasks, device=args.device, backend=args.backend,
                                 threads=args.threads, dataset_root=roots[from_preset(preset).dataset],
-                                sets=args.set, resume=st["state"] == "unfinished", progress=not args.no_progress,
-                                program=program)
+                                sets=args.set, extra=args.extra, resume=st["state"] == "unfinished",
+                                progress=not args.no_progress, program=program)
             out.append((preset, seed, cmd, st))
     return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = make_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "table":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     _check_selection(parser, args)
     if args.command == "plan":
         for preset, seed, cmd, st in _commands(args, ("mamlpp-train",)):
