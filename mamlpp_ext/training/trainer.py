@@ -118,11 +118,8 @@ def default_backend(device: str | torch.device | None = None, dataset: str = "om
     if backend == "fused":
         if not ops.has_extension():
             return "batched"
-        if dev_type == "cuda":
-            from .. import cuda_built
-
-            if not cuda_built():
-                return "batched"
+        if dev_type == "cuda" and int(torch.ops.mamlpp_ext._cuda_version()) <= 0:  # built without CUDA kernels
+            return "batched"
     return backend
 
 
