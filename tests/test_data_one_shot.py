@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mamlpp_ext.data import DatasetNotFoundError, evaluate_one_shot, load_omniglot, load_one_shot_runs, resolve_omniglot_root
+from mamlpp_ext.data import DatasetNotFoundError, evaluate_one_shot, load_omniglot, load_one_shot_runs
 
 
 def _nearest_neighbour(sx, sy, qx):

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamlpp_ext.data import DatasetNotFoundError, resolve_mini_imagenet_root, resolve_omniglot_root
-from mamlpp_ext.data import _common as data_common
+from mamlpp_ext.data import DatasetNotFoundError, resolve_mini_imagenet_root, resolve_omniglot_root, user_data_dir
 from mamlpp_ext.data.synthetic import make_fake_mini_imagenet
-from mamlpp_ext.model.config import MAMLConfig, from_preset
+from mamlpp_ext.model.config import MAMLConfig
 from mamlpp_ext.training import checkpoints as ckp
 from mamlpp_ext.training import evaluate as E
 from mamlpp_ext.training import train as T
@@ -172,7 +171,7 @@ def test_default_data_folders_are_in_the_user_data_dir(tmp_path, monkeypatch):
     assert omniglot.default_omniglot_root() == tmp_path / "xdg" / "mamlpp_ext" / "omniglot"
     assert miniimagenet.default_mini_imagenet_root() == tmp_path / "xdg" / "mamlpp_ext" / "mini-imagenet"
     monkeypatch.delenv("XDG_DATA_HOME")
-    assert data_common.user_data_dir() == Path.home() / ".local" / "share" / "mamlpp_ext"
+    assert user_data_dir() == Path.home() / ".local" / "share" / "mamlpp_ext"
     repo = Path(__file__).resolve().parents[1]
     for d in (omniglot.default_omniglot_root(), miniimagenet.default_mini_imagenet_root()):
         assert repo.parent not in d.parents or repo in d.parents  # nothing beside the repository

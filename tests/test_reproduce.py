@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import shlex
-from pathlib import Path
 
 import pytest
 

@@ -86,7 +86,8 @@ def train_command(preset: str, seed: int, runs_dir: str | Path, *, epochs: Optio
                   program: Sequence[str] = ("mamlpp-train",)) -> list[str]:
     """The ``mamlpp-train`` command line of one configuration and seed (``extra``: more
     ``mamlpp-train`` arguments, appended as they are)."""
-    cmd = [*program, "--preset", preset, "--seed", str(seed), "--run-dir", str(Path(runs_dir) / run_dir_name(preset, seed))]
+    run_dir = Path(runs_dir) / run_dir_name(preset, seed)
+    cmd = [*program, "--preset", preset, "--seed", str(seed), "--run-dir", str(run_dir)]
     for flag, value in (("--epochs", epochs), ("--iters-per-epoch", iters_per_epoch), ("--eval-tasks", eval_tasks),
                         ("--backend", backend), ("--threads", threads), ("--dataset-root", dataset_root)):
         if value is not None:
@@ -229,8 +230,8 @@ def paper_table(runs_dir: str | Path, *, configs: Sequence[str] = CONFIGS, seeds
             cfg = st.get("config")
             if cfg and any(cfg.get(f) != from_preset(preset).to_dict()[f] for f in _SHAPE_FIELDS):
                 run["status"] = "wrong configuration"
-                run["error"] = (f"the folder holds a {cfg.get('dataset')} {cfg.get('ways')}-way {cfg.get('shots')}-shot "
-                                f"run, not {preset}")
+                run["error"] = (f"the folder holds a {cfg.get('dataset')} {cfg.get('ways')}-way "
+                                f"{cfg.get('shots')}-shot run, not {preset}")
             run["notes"] = _notes(preset, st)
             scorable = run["status"] == "finished" or (include_unfinished and run["status"] == "unfinished"
                                                         and st.get("has_best"))
@@ -274,7 +275,8 @@ def format_table(table: dict) -> str:
              f"Each run: its top-k validation checkpoints ensembled on {table['protocol']['test_tasks']} fixed test "
              f"tasks (± 95% CI over tasks); ours: mean ± sample std over the scored seeds.",
              "",
-             "| configuration | ours: mean ± std | seeds scored | per seed: accuracy ± 95% CI | paper MAML++ | paper MAML |",
+             "| configuration | ours: mean ± std | seeds scored | per seed: accuracy ± 95% CI | paper MAML++ "
+             "| paper MAML |",
              "|---|---|---|---|---|---|"]
     notes = []
     for e in table["configs"]:

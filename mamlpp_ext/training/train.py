@@ -225,7 +225,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         parser.error(str(exc))
     if trainer.is_main:
-        print(f"mamlpp-train: {describe_device(args.device, trainer.device)}, backend {trainer.backend}", file=sys.stderr)
+        print(f"mamlpp-train: {describe_device(args.device, trainer.device)}, backend {trainer.backend}",
+              file=sys.stderr)
         print(f"mamlpp-train: {trainer.learner!r}, run folder {trainer.run_dir}, starting at epoch {trainer.epoch} "
               f"iteration {trainer.iteration}{where}", file=sys.stderr, flush=True)
     ok = False
