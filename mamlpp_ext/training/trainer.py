@@ -88,15 +88,16 @@ class TrainingInterrupted(Exception):
 
 # NOTE [Default backend]
 #     The backend a run uses when none is named: the fastest measured meta-step on that device
-#     type for that dataset (benchmarks/RESULTS.md, sections "MAML++ meta-step per backend" (CPU)
-#     and "H100 run"; s/step, second order, public networks). Change an entry when new
-#     measurements say so. A missing pair falls back to _FALLBACK_BACKEND; "fused" falls back to
+#     type for that dataset (benchmarks/RESULTS.md, sections "MAML++ meta-step per backend" (CPU,
+#     with its mini-ImageNet subsection) and "H100 run"; s/step, second order, public networks).
+#     Change an entry when new measurements say so. A missing pair falls back to _FALLBACK_BACKEND; "fused" falls back to
 #     "batched" where the compiled kernels for the device are not built.
 DEFAULT_BACKENDS = {
     # CPU, Omniglot 5-way 1-shot: fused 0.757 < batched 1.079 < sequential 1.419 (20-way 1-shot:
     # sequential 3.417, fused 3.558, batched 4.021 -- 3 timed steps each, within their spread).
     ("cpu", "omniglot"): "fused",
-    # CPU, mini-ImageNet 5-way 1-shot: sequential fastest (see RESULTS.md, 2026-11-29).
+    # CPU, mini-ImageNet 5-way 1-shot: sequential and fused tie within the noise of a loaded machine
+    # (interleaved medians 48.8 and 48.4 s, batched 51.1; RESULTS.md, 2026-11-29, "inconclusive").
     ("cpu", "mini-imagenet"): "sequential",
     # H100, Omniglot 20-way 1-shot: fused 0.0855 < batched 0.1080 < sequential 0.6234
     # (5-way: batched 0.1006, fused 0.1065, sequential 0.5598 -- one run each).
