@@ -188,8 +188,8 @@ def _notes(preset: str, status: dict) -> list[str]:
     notes = []
     e, i = cfg["total_epochs"], cfg["iterations_per_epoch"]
     if (e, i) != (ref["total_epochs"], ref["iterations_per_epoch"]):
-        notes.append(f"shortened schedule: {e} epochs x {i} meta-steps (paper: {ref['total_epochs']} x "
-                     f"{ref['iterations_per_epoch']})")
+        notes.append(f"shortened schedule: {e} epoch{'s' if e != 1 else ''} x {i} meta-steps (paper: "
+                     f"{ref['total_epochs']} x {ref['iterations_per_epoch']})")
     if cfg.get("eval_tasks") != ref["eval_tasks"]:
         notes.append(f"{cfg.get('eval_tasks')} validation tasks (paper: {ref['eval_tasks']})")
     other = sorted(k for k in ref if k not in _IGNORED_FIELDS and cfg.get(k, ref[k]) != ref[k])
