@@ -90,8 +90,9 @@ class TrainingInterrupted(Exception):
 #     The backend a run uses when none is named: the fastest measured meta-step on that device
 #     type for that dataset (benchmarks/RESULTS.md, sections "MAML++ meta-step per backend" (CPU,
 #     with its mini-ImageNet subsection) and "H100 run"; s/step, second order, public networks).
-#     Change an entry when new measurements say so. A missing pair falls back to _FALLBACK_BACKEND; "fused" falls back to
-#     "batched" where the compiled kernels for the device are not built.
+#     Change an entry when new measurements say so. A missing pair falls back to
+#     _FALLBACK_BACKEND; "fused" falls back to "batched" where the compiled kernels for the device
+#     are not built.
 DEFAULT_BACKENDS = {
     # CPU, Omniglot 5-way 1-shot: fused 0.757 < batched 1.079 < sequential 1.419 (20-way 1-shot:
     # sequential 3.417, fused 3.558, batched 4.021 -- 3 timed steps each, within their spread).
