@@ -3,6 +3,9 @@
 #   make test    - same set-up, then the test suite
 # Other targets: make venv | build | clean. Variables: PYTHON, VENV, TORCH_SPEC, MAX_JOBS,
 # BENCH_ARGS (passed to benchmarks/inner_loop.py), PYTEST_ARGS.
+# The extension is compiled only when a file under csrc/, setup.py or pyproject.toml changed
+# since the last build (or the compiled module is missing): `make bench` right after `make test`
+# does not compile again.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,6 +15,15 @@ DEPS ?= numpy pillow tqdm matplotlib pyyaml pytest expecttest hypothesis
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BENCH_ARGS ?=
 PYTEST_ARGS ?= -q
+
+# What the compiled extension is built from; the stamp records the last successful build.
+EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
+EXT_STAMP := build/.mamlpp_ext-built
+
+# No compiled module (after `make clean`, or deleted by hand): forget the stamp, so it is rebuilt.
+ifeq ($(wildcard mamlpp_ext/_C*.so),)
+$(shell rm -f $(EXT_STAMP))
+endif
 
 .PHONY: venv build test bench clean
 
@@ -25,9 +37,13 @@ $(VENV)/.deps-installed: Makefile
 
 # Editable install: the compiled _C lands next to the Python sources, so the tests and
 # benchmarks of this checkout use it directly.
-build: venv
-	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
+build: $(EXT_STAMP)
 	$(PY) -c "import mamlpp_ext; print('mamlpp_ext build:', mamlpp_ext.build_info())"
+
+$(EXT_STAMP): $(VENV)/.deps-installed $(EXT_SOURCES)
+	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install --no-build-isolation --no-deps -e .
+	mkdir -p $(dir $@)
+	touch $@
 
 test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)

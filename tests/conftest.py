@@ -1,4 +1,5 @@
-"""Fixtures shared by the training tests (test_train_cli.py, test_distributed.py)."""
+"""Fixtures shared by several test files: a generated Omniglot tree, a temporary preprocessing
+cache, and the real Omniglot (skipped, saying how to provide it, when absent)."""
 
 import pytest
 
@@ -17,3 +18,16 @@ def fake_root(tmp_path_factory):
 def tmp_cache(tmp_path_factory, monkeypatch):
     """Preprocessing cache in the session's temp folder (use with pytest.mark.usefixtures)."""
     monkeypatch.setenv("MAMLPP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def real_omniglot_root():
+    """The real Omniglot root as the loader resolves it ($MAMLPP_OMNIGLOT_ROOT, else the default
+    folder); the test is skipped with the reason when there is none."""
+    from mamlpp_ext.data import DatasetNotFoundError, resolve_omniglot_root
+
+    try:
+        return resolve_omniglot_root()
+    except DatasetNotFoundError:
+        pytest.skip("the real Omniglot is not available: set MAMLPP_OMNIGLOT_ROOT to a complete copy "
+                    "(`mamlpp-data download omniglot` fetches one; .ci/run sets it where the developers' copy exists)")

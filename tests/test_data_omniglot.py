@@ -1,7 +1,7 @@
 """Omniglot loading: layouts, preprocessing, cache invalidation, errors and the class splits.
 
 Small generated trees (mamlpp_ext.data.synthetic) cover the mechanics; the real dataset
-(found via $MAMLPP_OMNIGLOT_ROOT or <repo>/../shared/data/omniglot, skipped when absent)
+(found via $MAMLPP_OMNIGLOT_ROOT or the default folder, skipped when absent)
 covers counts and splits. The real cache is built once into the default cache folder
 ($MAMLPP_CACHE_DIR or ~/.cache/mamlpp_ext) and reused by later runs.
 """
@@ -216,12 +216,8 @@ def test_splits_on_fake_tree(fake_zip, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real():
-    try:
-        resolve_omniglot_root()
-    except DatasetNotFoundError as exc:
-        pytest.skip(f"real Omniglot not available ({exc})")
-    return load_omniglot(progress=False)
+def real(real_omniglot_root):
+    return load_omniglot(real_omniglot_root, progress=False)
 
 
 def test_real_counts(real):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mamlpp_ext.data import DatasetNotFoundError, evaluate_one_shot, load_omniglot, load_one_shot_runs, resolve_omniglot_root
+from mamlpp_ext.data import DatasetNotFoundError, evaluate_one_shot, load_omniglot, load_one_shot_runs
 
 
 def _nearest_neighbour(sx, sy, qx):
@@ -80,11 +80,8 @@ def test_missing_benchmark(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_runs():
-    try:
-        root = resolve_omniglot_root()
-    except DatasetNotFoundError as exc:
-        pytest.skip(f"real Omniglot not available ({exc})")
+def real_runs(real_omniglot_root):
+    root = real_omniglot_root
     if not (root / "all_runs.zip").is_file() and not (root / "all_runs").is_dir():
         pytest.skip(f"no all_runs.zip in {root}")
     return load_one_shot_runs(root)

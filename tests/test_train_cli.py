@@ -348,13 +348,7 @@ def test_bad_config_file_contents(tmp_path, capsys):
 # Real data
 # ---------------------------------------------------------------------------
 
-def test_short_real_omniglot_run_learns(tmp_path):
-    from mamlpp_ext.data import DatasetNotFoundError, load_omniglot
-
-    try:
-        load_omniglot(progress=False)
-    except DatasetNotFoundError as exc:
-        pytest.skip(f"the real Omniglot is not available ({exc})")
+def test_short_real_omniglot_run_learns(tmp_path, real_omniglot_root):
     import mamlpp_ext
 
     backend = "fused" if mamlpp_ext.has_extension() else "batched"

@@ -46,14 +46,14 @@ class CorruptImageError(DataError):
 # --------------------------------------------------------------------------- paths
 
 
-def repo_root() -> Path:
-    """The folder holding the ``mamlpp_ext`` package (the repository in a checkout)."""
-    return Path(__file__).resolve().parents[2]
-
-
-def shared_data_dir() -> Path:
-    """``<repo>/../shared/data``: where this project's shared datasets live, when present."""
-    return repo_root().parent / "shared" / "data"
+def user_data_dir() -> Path:
+    """The user's data folder of mamlpp_ext: ``$XDG_DATA_HOME/mamlpp_ext``, else
+    ``~/.local/share/mamlpp_ext``. Datasets live in sub-folders (``omniglot/``,
+    ``mini-imagenet/``) unless a root is given; ``mamlpp-data download`` writes there. Not
+    created here."""
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "mamlpp_ext"
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -192,9 +192,10 @@ def decode_images(
 
 
 class Progress:
-    """A progress bar on stderr: tqdm when installed, else a plain line every few seconds."""
+    """A progress bar on stderr: tqdm when installed, else a plain line every few seconds.
+    ``total`` may be None (unknown); ``unit="B"`` counts bytes (shown as kB, MB, ...)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool = True):
+    def __init__(self, total: int | None, desc: str, enabled: bool = True, unit: str = "img", leave: bool = False):
         self.total, self.desc, self.enabled = total, desc, enabled
         self.done = 0
         self._t0 = self._last = time.monotonic()
@@ -203,7 +204,8 @@ class Progress:
             try:
                 from tqdm.auto import tqdm
 
-                self._bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False)
+                self._bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B",
+                                 unit_divisor=1024 if unit == "B" else 1000, file=sys.stderr, leave=leave)
             except ImportError:
                 print(f"{desc}: 0/{total}", file=sys.stderr, flush=True)
 
@@ -215,7 +217,7 @@ class Progress:
             self._bar.update(k)
             return
         now = time.monotonic()
-        if now - self._last >= 2.0 or self.done >= self.total:
+        if now - self._last >= 2.0 or (self.total is not None and self.done >= self.total):
             self._last = now
             print(f"{self.desc}: {self.done}/{self.total} ({now - self._t0:.1f}s)", file=sys.stderr, flush=True)
 

@@ -6,8 +6,9 @@ Layout::
     <root>/val/<class>/...                        (16)
     <root>/test/<class>/...                       (20)
 
-The root is ``root`` argument > ``$MAMLPP_MINIIMAGENET_ROOT`` > ``<repo>/../shared/data/mini-imagenet``
-when that exists. It cannot be downloaded by this package. Each image is converted to RGB and
+The root is ``root`` argument > ``$MAMLPP_MINIIMAGENET_ROOT`` > the user's data folder
+(``$XDG_DATA_HOME/mamlpp_ext/mini-imagenet``, i.e. ``~/.local/share/mamlpp_ext/mini-imagenet`` by
+default). It cannot be downloaded by this package. Each image is converted to RGB and
 resized to 84×84 (Lanczos by default), cached as uint8 (M, 3, 84, 84) and, on use, scaled to
 [0, 1] and normalised with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ._common import (DatasetNotFoundError, ImageRef, ImageStore, decode_images, entry_for, file_listing,
-                      hash_json, resample_filter, resolve_cache_dir, shared_data_dir)
+                      hash_json, resample_filter, resolve_cache_dir, user_data_dir)
 from .episodes import ClassPool
 
 SPLITS = ("train", "val", "test")
@@ -34,22 +35,24 @@ _EXTS = (".jpg", ".jpeg", ".png")
 _LAYOUT = ("Expected ROOT/train/, ROOT/val/ and ROOT/test/, each with one sub-folder of .jpg/.jpeg/.png "
            "images per class (e.g. the Ravi & Larochelle split, 64/16/20 classes of 600 images). "
            "mini-ImageNet cannot be downloaded by mamlpp_ext: build it from ImageNet with the split's "
-           f"CSV files, then pass root=ROOT or set ${ENV_ROOT}=ROOT.")
+           f"CSV files, then pass the folder with --dataset-root ROOT (Python: root=ROOT) or set {ENV_ROOT}=ROOT.")
 
 
 def default_mini_imagenet_root() -> Path:
-    """``<repo>/../shared/data/mini-imagenet`` (it may not exist)."""
-    return shared_data_dir() / "mini-imagenet"
+    """The default mini-ImageNet folder: ``<user data folder>/mini-imagenet`` (see ``user_data_dir``;
+    it may not exist)."""
+    return user_data_dir() / "mini-imagenet"
 
 
 def resolve_mini_imagenet_root(root: str | os.PathLike | None = None) -> Path:
-    """The mini-ImageNet root: ``root`` > ``$MAMLPP_MINIIMAGENET_ROOT`` > the shared default when present."""
+    """The mini-ImageNet root: ``root`` > ``$MAMLPP_MINIIMAGENET_ROOT`` > ``default_mini_imagenet_root()``."""
     if root is None and os.environ.get(ENV_ROOT):
         root = os.environ[ENV_ROOT]
     if root is None:
         d = default_mini_imagenet_root()
         if not d.is_dir():
-            raise DatasetNotFoundError(f"no mini-ImageNet root given: pass root=... or set ${ENV_ROOT}. {_LAYOUT}")
+            raise DatasetNotFoundError(f"mini-ImageNet not found: no root was given, ${ENV_ROOT} is not set and the "
+                                       f"default folder {d} does not exist. {_LAYOUT}")
         return d
     path = Path(root).expanduser()
     if not path.is_dir():

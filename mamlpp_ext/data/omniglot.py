@@ -7,8 +7,10 @@ Accepted layouts of the root folder (each of the two parts may be found either w
     <root>/omniglot-py/...                                          torchvision's layout (either of the above)
 
 inside which images sit at ``<alphabet>/<characterNN>/<id>_<drawing>.png``. The root is
-``root`` argument > ``$MAMLPP_OMNIGLOT_ROOT`` > ``<repo>/../shared/data/omniglot`` when that
-exists. Nothing is ever downloaded.
+``root`` argument > ``$MAMLPP_OMNIGLOT_ROOT`` > the user's data folder
+(``$XDG_DATA_HOME/mamlpp_ext/omniglot``, i.e. ``~/.local/share/mamlpp_ext/omniglot`` by default).
+Nothing is downloaded here; ``mamlpp-data download omniglot`` (``mamlpp_ext.data.download``)
+fetches the official archives when asked.
 
 Preprocessing (SPEC §5): each 105×105 1-bit PNG is converted to 8-bit grey and resized to
 28×28 with Lanczos, stored as uint8 and scaled to [0, 1] on use. The polarity is the files'
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ._common import (CacheEntry, DatasetNotFoundError, ImageRef, ImageStore, decode_images, entry_for,
-                      file_listing, hash_json, resample_filter, resolve_cache_dir, shared_data_dir)
+                      file_listing, hash_json, resample_filter, resolve_cache_dir, user_data_dir)
 from .episodes import ClassPool
 
 PARTS = ("images_background", "images_evaluation")
@@ -42,24 +44,27 @@ ENV_ROOT = "MAMLPP_OMNIGLOT_ROOT"
 _MAML_FRACTIONS = (0.70918052988, 0.70918052988 + 0.03080714725)
 
 _HOW_TO_GET = (
-    "Omniglot is at https://github.com/brendenlake/omniglot (python/images_background.zip and "
-    "python/images_evaluation.zip); with a network, torchvision can fetch it: "
-    "`torchvision.datasets.Omniglot(ROOT, background=True, download=True)` and again with "
-    "background=False, which creates ROOT/omniglot-py/. Then pass root=ROOT or set "
-    f"${ENV_ROOT}=ROOT."
+    "To get it: run `mamlpp-data download omniglot` (the official archives, into the default folder; "
+    "`--root DIR` for another), or fetch python/images_background.zip and python/images_evaluation.zip "
+    "from https://github.com/brendenlake/omniglot yourself, or let torchvision download it "
+    "(`torchvision.datasets.Omniglot(DIR, background=True, download=True)`, then background=False; "
+    "DIR/omniglot-py/ is read as it is). Then pass the folder with --dataset-root DIR (Python: root=DIR) "
+    f"or set {ENV_ROOT}=DIR."
 )
 
 
 def default_omniglot_root() -> Path:
-    """``<repo>/../shared/data/omniglot`` (it may not exist)."""
-    return shared_data_dir() / "omniglot"
+    """The default Omniglot folder: ``<user data folder>/omniglot`` (see ``user_data_dir``; it
+    may not exist)."""
+    return user_data_dir() / "omniglot"
 
 
 def resolve_omniglot_root(root: str | os.PathLike | None = None) -> Path:
-    """The Omniglot root: ``root`` > ``$MAMLPP_OMNIGLOT_ROOT`` > the shared default when present.
+    """The Omniglot root: ``root`` > ``$MAMLPP_OMNIGLOT_ROOT`` > ``default_omniglot_root()``.
 
-    Raises :class:`DatasetNotFoundError` (saying what was expected and how to get the data)
-    when no root is given and the default is absent, or when the chosen folder does not exist.
+    Raises :class:`DatasetNotFoundError` (naming the environment variable, the ``--dataset-root``
+    option and the download command) when no root is given and the default folder is absent, or
+    when the chosen folder does not exist.
     """
     if root is not None:
         where = f"root={str(root)!r}"
@@ -69,8 +74,9 @@ def resolve_omniglot_root(root: str | os.PathLike | None = None) -> Path:
         d = default_omniglot_root()
         if not d.is_dir():
             raise DatasetNotFoundError(
-                f"no Omniglot root given: pass root=..., set ${ENV_ROOT}, or place the data at {d}. "
-                f"Expected images_background(.zip) and images_evaluation(.zip) there. {_HOW_TO_GET}")
+                f"Omniglot not found: no root was given, ${ENV_ROOT} is not set and the default folder {d} "
+                f"does not exist. Expected images_background(.zip) and images_evaluation(.zip) in it. "
+                f"{_HOW_TO_GET}")
         return d
     path = Path(root).expanduser()
     if not path.is_dir():
@@ -274,7 +280,7 @@ def load_omniglot(root: str | os.PathLike | None = None, *, cache_dir: str | os.
 
     Args:
         root: the data folder (see module docstring); default ``$MAMLPP_OMNIGLOT_ROOT`` then
-            ``<repo>/../shared/data/omniglot``.
+            ``default_omniglot_root()`` (the user's data folder).
         cache_dir: cache folder; default ``$MAMLPP_CACHE_DIR`` then ``~/.cache/mamlpp_ext``.
         size: output side in pixels (28 in SPEC §5).
         resample: PIL filter name ("lanczos", "bicubic", "bilinear", "box", "hamming", "nearest").

@@ -87,7 +87,8 @@ def _find_runs(root: Path):
     raise DatasetNotFoundError(
         f"the one-shot benchmark was not found under {root}: expected all_runs.zip or an extracted all_runs/ "
         "folder (runNN/class_labels.txt, runNN/training/classNN.png, runNN/test/itemNN.png). It is "
-        "python/one-shot-classification/all_runs.zip of https://github.com/brendenlake/omniglot.")
+        "python/one-shot-classification/all_runs.zip of https://github.com/brendenlake/omniglot; "
+        "`mamlpp-data download omniglot` fetches it with the other Omniglot archives.")
 
 
 def load_one_shot_runs(root: str | os.PathLike | None = None, *, size: int = 28, resample: str = "lanczos",
@@ -95,7 +96,7 @@ def load_one_shot_runs(root: str | os.PathLike | None = None, *, size: int = 28,
     """The 20 runs of the benchmark, preprocessed like :func:`load_omniglot` (see the module docstring).
 
     ``root`` is the Omniglot root (resolved the same way: argument > ``$MAMLPP_OMNIGLOT_ROOT`` >
-    shared default) holding ``all_runs.zip`` or ``all_runs/``, or the path of either itself.
+    the default folder) holding ``all_runs.zip`` or ``all_runs/``, or the path of either itself.
     """
     resample_filter(resample)  # reject an unknown filter name before any work
     root_path = Path(root).expanduser() if root is not None and str(root).endswith(".zip") else resolve_omniglot_root(root)

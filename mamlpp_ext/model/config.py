@@ -19,9 +19,15 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-__all__ = ["MAMLConfig", "from_preset", "preset_names", "BN_EVAL_STATS"]
+__all__ = ["MAMLConfig", "from_preset", "preset_names", "default_augment", "BN_EVAL_STATS"]
 
 BN_EVAL_STATS = ("batch", "running")
+
+
+def default_augment(dataset: str) -> bool:
+    """Whether training tasks of ``dataset`` are augmented by default: Omniglot yes, others no
+    (the public MAML++ code rotates classes only when the dataset name contains "omniglot")."""
+    return "omniglot" in dataset
 
 
 @dataclass
@@ -55,7 +61,10 @@ class MAMLConfig:
     statistics), ``adapt_bn_affine`` (BN gamma/beta become per-task fast weights
     of shape (C,), adapted in the inner loop; needs ``per_step_bn_weights=False``),
     ``grad_clamp`` (clamp network meta-gradients element-wise to
-    [-grad_clamp, grad_clamp]; None = off).
+    [-grad_clamp, grad_clamp]; None = off), ``augment`` (rotate each class of a
+    training task by a random multiple of 90°; None, the default, means the
+    dataset's own setting: on for Omniglot, off for mini-ImageNet, as the public
+    code, whose augmentation is tied to the dataset name containing "omniglot").
     """
 
     # --- task shape ---
@@ -100,8 +109,12 @@ class MAMLConfig:
     ensemble_top_k: int = 5
     seed: int = 0
     dataset: str = "omniglot"
+    # --- data ---
+    augment: Optional[bool] = None  # None: default_augment(dataset); a bool after construction
 
     def __post_init__(self) -> None:
+        if self.augment is None and isinstance(self.dataset, str):
+            self.augment = default_augment(self.dataset)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -150,7 +163,7 @@ class MAMLConfig:
         if self.grad_clamp is not None:
             _float("grad_clamp", 0.0, lo_open=True)
         for name in ("learnable_inner_lr", "per_step_inner_lr", "adapt_bn_affine", "cosine_annealing",
-                     "use_msl", "second_order", "per_step_bn_statistics", "per_step_bn_weights"):
+                     "use_msl", "second_order", "per_step_bn_statistics", "per_step_bn_weights", "augment"):
             _bool(name)
         if self.bn_eval_stats not in BN_EVAL_STATS:
             raise ValueError(f"MAMLConfig.bn_eval_stats must be one of {BN_EVAL_STATS}, got {self.bn_eval_stats!r}")
@@ -190,7 +203,8 @@ class MAMLConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MAMLConfig":
-        """Build from ``to_dict()`` output; unknown keys are an error."""
+        """Build from ``to_dict()`` output; unknown keys are an error. A missing field takes its
+        default (a config stored before ``augment`` existed gets its dataset's default)."""
         if not isinstance(d, dict):
             raise TypeError(f"MAMLConfig.from_dict expects a dict, got {type(d).__name__}")
         _check_keys(d, "key")
@@ -217,16 +231,17 @@ def _omniglot(ways: int, shots: int) -> dict:
     return dict(ways=ways, shots=shots, queries=1, meta_batch=8, image_channels=1, image_height=28,
                 image_width=28, num_filters=64, inner_steps=5, eval_inner_steps=5, inner_lr=0.1,
                 meta_lr=1e-3, min_meta_lr=1e-5, total_epochs=100, iterations_per_epoch=500,
-                msl_epochs=10, grad_clamp=None, dataset="omniglot")
+                msl_epochs=10, grad_clamp=None, dataset="omniglot", augment=True)
 
 
 def _mini_imagenet(ways: int, shots: int) -> dict:
     # inner_lr 0.01 is the intended value (the public code effectively used 0.1, SPEC §3 LSLR);
-    # min_meta_lr = meta_lr as in the public config, which disables annealing (SPEC §3 CA).
+    # min_meta_lr = meta_lr as in the public config, which disables annealing (SPEC §3 CA);
+    # no rotations (the public code augments Omniglot only, SPEC §5).
     return dict(ways=ways, shots=shots, queries=15, meta_batch=2, image_channels=3, image_height=84,
                 image_width=84, num_filters=48, inner_steps=5, eval_inner_steps=5, inner_lr=0.01,
                 meta_lr=1e-3, min_meta_lr=1e-3, total_epochs=100, iterations_per_epoch=500,
-                msl_epochs=15, grad_clamp=10.0, dataset="mini-imagenet")
+                msl_epochs=15, grad_clamp=10.0, dataset="mini-imagenet", augment=False)
 
 
 # Plain MAML (SPEC §3): all six components off, same task shape and budget.

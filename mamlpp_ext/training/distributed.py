@@ -52,9 +52,12 @@ def launched_by_torchrun() -> bool:
 
 def init_from_env(device: str | torch.device, timeout_s: float = 1800.0) -> torch.device:
     """Join the process group that torchrun describes in the environment; returns this process's
-    device (``cuda`` becomes ``cuda:LOCAL_RANK``). NCCL on CUDA, gloo on CPU."""
+    device (``cuda`` becomes ``cuda:LOCAL_RANK``; ``auto`` is CUDA when available, else CPU). NCCL
+    on CUDA, gloo on CPU."""
     if timeout_s <= 0:
         raise ValueError(f"--dist-timeout must be > 0 seconds, got {timeout_s}")
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
         if dev.index is None:

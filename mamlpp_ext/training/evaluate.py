@@ -25,9 +25,10 @@ from . import distributed as D
 from .run_data import DataOptions, eval_dataset, load_pools
 from .scoring import score_batches, score_tasks, summarize_scores
 from .train import GRAPH_MODES, import_from_cwd
-from .trainer import check_device
+from .trainer import check_device, describe_device
 
-__all__ = ["resolve_members", "load_members", "evaluate_checkpoints", "one_shot_benchmark", "main"]
+__all__ = ["resolve_members", "load_members", "evaluate_checkpoints", "one_shot_benchmark", "report_header",
+           "main"]
 
 _SHAPE_FIELDS = ("ways", "shots", "queries", "image_channels", "image_height", "image_width", "dataset")
 
@@ -106,6 +107,17 @@ def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_
     return res
 
 
+def report_header(paths: Sequence[Path], learners: Sequence[MAMLPlusPlus], ckpts: Sequence[dict],
+                  data: DataOptions, device) -> dict:
+    """The part of a JSON report that says what was scored: the members (path, epoch, iteration,
+    validation accuracy), the ensemble size, the config, the data options, backend and device."""
+    return {"members": [{"path": str(p), "epoch": c["epoch"] - 1 if c.get("val") else None,
+                         "iteration": c["iteration"], "val_accuracy": (c.get("val") or {}).get("accuracy")}
+                        for p, c in zip(paths, ckpts)],
+            "ensemble_size": len(paths), "config": learners[0].config.to_dict(), "data": data.to_dict(),
+            "backend": learners[0].backend, "device": str(device)}
+
+
 def one_shot_benchmark(learners: Sequence[MAMLPlusPlus], root=None) -> dict:
     """Lake et al.'s 20 runs of 20-way 1-shot, predicted by the ensemble's averaged logits."""
     from ..data import evaluate_one_shot, load_one_shot_runs
@@ -136,7 +148,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, help="tasks per batch (default: meta_batch)")
     p.add_argument("--eval-seed", type=int, help="seed of the fixed tasks (default: the run's)")
     p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (CUDA when available, else CPU; the default), cpu, cuda, cuda:1")
     p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
                    help="CUDA-graph mode for the evaluation batches (auto: on for CUDA with the batched or fused "
                         "backend; default auto)")
@@ -177,15 +190,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             data.eval_seed = args.eval_seed
     except (ValueError, TypeError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    cfg = learners[0].config
-    report: dict = {"members": [{"path": str(p), "epoch": c["epoch"] - 1 if c.get("val") else None,
-                                 "iteration": c["iteration"], "val_accuracy": (c.get("val") or {}).get("accuracy")}
-                                for p, c in zip(paths, ckpts)],
-                    "ensemble_size": len(paths), "config": cfg.to_dict(), "data": data.to_dict(),
-                    "backend": learners[0].backend, "device": str(device)}
+    report = report_header(paths, learners, ckpts, data, device)
     import torch.distributed as dist
 
     main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if main_process:
+        print(f"mamlpp-eval: {describe_device(args.device, device)}, backend {learners[0].backend}", file=sys.stderr,
+              flush=True)
     t0 = time.perf_counter()
     try:
         if not args.one_shot_only:

@@ -80,6 +80,8 @@ def eval_dataset(pool, config: MAMLConfig, data: DataOptions, num_tasks: int, ba
 
 
 def train_dataset(pool, config: MAMLConfig):
-    """The training stream: epochs × iterations meta-batches from ``config.seed`` (rotations on)."""
+    """The training stream: epochs × iterations meta-batches from ``config.seed``, each class of a
+    task rotated by a random multiple of 90° when ``config.augment`` (Omniglot's default)."""
     return D.EpisodeDataset.training(pool, config.ways, config.shots, config.queries, config.meta_batch,
-                                   num_batches=config.total_epochs * config.iterations_per_epoch, seed=config.seed)
+                                     num_batches=config.total_epochs * config.iterations_per_epoch, seed=config.seed,
+                                     augment=config.augment)

@@ -21,7 +21,7 @@ from ..model import BACKENDS, MAMLConfig, from_preset, preset_names
 from . import checkpoints as ckp
 from . import distributed as D
 from .run_data import SPLITS, DataOptions
-from .trainer import Trainer, TrainingInterrupted
+from .trainer import Trainer, TrainingInterrupted, describe_device
 
 __all__ = ["GRAPH_MODES", "build_config", "main", "make_parser", "parse_value"]
 
@@ -100,7 +100,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mamlpp-train", description="Train a MAML++ (or MAML) meta-learner on Omniglot or mini-ImageNet.",
         epilog="presets: " + ", ".join(preset_names()))
-    p.add_argument("--preset", help="a public setting (SPEC §4), e.g. omniglot-5way-1shot; see --list-presets")
+    p.add_argument("--preset", help="a public setting (docs/method.md §6), e.g. omniglot-5way-1shot; see --list-presets")
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.add_argument("--config", help="JSON or YAML file of MAMLConfig fields (may hold 'preset')")
     p.add_argument("--network", metavar="MODULE:FUNCTION",
@@ -109,8 +109,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "default: the paper's VGG network (config network='vgg')")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a MAMLConfig field (repeatable), e.g. --set inner_steps=3 --set grad_clamp=null")
-    p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: fused when the extension is built)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: the fastest measured for the device "
+                                     f"and dataset, see docs/training.md)")
+    p.add_argument("--device", default="auto",
+                   help="torch device: auto (CUDA when available, else CPU; the default), cpu, cuda, cuda:1")
     p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
                    help="CUDA-graph mode: capture the meta-step once and replay it (auto: on for CUDA with the "
                         "batched or fused backend; default auto)")
@@ -223,6 +225,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
         parser.error(str(exc))
     if trainer.is_main:
+        print(f"mamlpp-train: {describe_device(args.device, trainer.device)}, backend {trainer.backend}",
+              file=sys.stderr)
         print(f"mamlpp-train: {trainer.learner!r}, run folder {trainer.run_dir}, starting at epoch {trainer.epoch} "
               f"iteration {trainer.iteration}{where}", file=sys.stderr, flush=True)
     ok = False

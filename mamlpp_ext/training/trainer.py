@@ -47,7 +47,8 @@ from . import checkpoints as ckp
 from .run_data import DataOptions, eval_dataset, load_pools, train_dataset
 from .scoring import score_tasks
 
-__all__ = ["CSV_FIELDS", "SingleProcess", "Trainer", "TrainingInterrupted", "check_device", "default_backend"]
+__all__ = ["CSV_FIELDS", "DEFAULT_BACKENDS", "SingleProcess", "Trainer", "TrainingInterrupted", "check_device",
+           "default_backend", "describe_device"]
 
 CSV_FIELDS = ["epoch", "iteration", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_ci95",
               "meta_lr", "second_order", "epoch_seconds", "steps_per_second", "val_seconds"]
@@ -85,11 +86,43 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
 
 
-def default_backend() -> str:
-    """The backend a run uses when none is named: fused when the extension is built, else batched."""
+# NOTE [Default backend]
+#     The backend a run uses when none is named: the fastest measured meta-step on that device
+#     type for that dataset (benchmarks/RESULTS.md, sections "MAML++ meta-step per backend" (CPU,
+#     with its mini-ImageNet subsection) and "H100 run"; s/step, second order, public networks).
+#     Change an entry when new measurements say so. A missing pair falls back to
+#     _FALLBACK_BACKEND; "fused" falls back to "batched" where the compiled kernels for the device
+#     are not built.
+DEFAULT_BACKENDS = {
+    # CPU, Omniglot 5-way 1-shot: fused 0.757 < batched 1.079 < sequential 1.419 (20-way 1-shot:
+    # sequential 3.417, fused 3.558, batched 4.021 -- 3 timed steps each, within their spread).
+    ("cpu", "omniglot"): "fused",
+    # CPU, mini-ImageNet 5-way 1-shot: sequential and fused tie within the noise of a loaded machine
+    # (interleaved medians 48.8 and 48.4 s, batched 51.1; RESULTS.md, 2026-11-29, "inconclusive").
+    ("cpu", "mini-imagenet"): "sequential",
+    # H100, Omniglot 20-way 1-shot: fused 0.0855 < batched 0.1080 < sequential 0.6234
+    # (5-way: batched 0.1006, fused 0.1065, sequential 0.5598 -- one run each).
+    ("cuda", "omniglot"): "fused",
+    # H100, mini-ImageNet 5-way 1-shot: fused 0.1009 < batched 0.1197 < sequential 0.1622.
+    ("cuda", "mini-imagenet"): "fused",
+}
+_FALLBACK_BACKEND = "fused"
+
+
+def default_backend(device: str | torch.device | None = None, dataset: str = "omniglot") -> str:
+    """The backend a run uses when none is named (NOTE [Default backend]): the table's entry for
+    ``device``'s type and ``dataset``, with "fused" replaced by "batched" when the compiled
+    kernels for that device are not built."""
     from .. import ops
 
-    return "fused" if ops.has_extension() else "batched"
+    dev_type = check_device(device).type if device is not None else "cpu"
+    backend = DEFAULT_BACKENDS.get((dev_type, dataset), _FALLBACK_BACKEND)
+    if backend == "fused":
+        if not ops.has_extension():
+            return "batched"
+        if dev_type == "cuda" and int(torch.ops.mamlpp_ext._cuda_version()) <= 0:  # built without CUDA kernels
+            return "batched"
+    return backend
 
 
 class Trainer:
@@ -98,8 +131,8 @@ class Trainer:
     Args:
         config: the run's ``MAMLConfig`` (ignored with ``resume``: the checkpoint's is used).
         run_dir: the run folder (created).
-        backend, device: of the ``MAMLPlusPlus`` learner (default backend: fused when the
-            extension is built, else batched).
+        backend, device: of the ``MAMLPlusPlus`` learner (device "auto": CUDA when available,
+            else CPU; default backend: ``default_backend(device, config.dataset)``).
         data: ``DataOptions`` (dataset root, split, eval seed, ...).
         pools: ready ``{"train", "val"}`` ``ClassPool`` s instead of loading ``config.dataset``.
         keep_top_k: epoch checkpoints kept by validation accuracy (default ``config.ensemble_top_k``).
@@ -143,10 +176,10 @@ class Trainer:
             raise TypeError(f"config must be a MAMLConfig, got {type(config).__name__}")
         self.config = config
         self.data = data or DataOptions()
-        self.backend = backend or default_backend()
+        self.device = check_device(device)
+        self.backend = backend or default_backend(self.device, config.dataset)
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
-        self.device = check_device(device)
         self.keep_top_k = config.ensemble_top_k if keep_top_k is None else int(keep_top_k)
         if self.keep_top_k < 1:
             raise ValueError(f"keep_top_k must be >= 1, got {keep_top_k}")
@@ -421,6 +454,14 @@ class Trainer:
         return {"interrupted": True, "epoch": self.epoch, "iteration": self.iteration}
 
 
+def describe_device(requested, device: torch.device) -> str:
+    """One line for the start of a command: the device used and, for "auto", why."""
+    if isinstance(requested, str) and requested.strip().lower() == "auto":
+        why = "a CUDA device is available" if device.type == "cuda" else "no CUDA device is available"
+        return f"device {device} (--device auto: {why})"
+    return f"device {device}"
+
+
 def _csv_text(rows: list[dict], header: bool) -> str:
     import io
 
@@ -434,6 +475,10 @@ def _csv_text(rows: list[dict], header: bool) -> str:
 
 
 def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device`` ("auto": CUDA when available, else CPU; None: CPU);
+    a ValueError naming ``--device`` when it cannot be parsed or CUDA is asked for but absent."""
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device if device is not None else "cpu")
     except (RuntimeError, TypeError) as exc:
