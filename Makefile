@@ -1,7 +1,7 @@
 # Two commands set up everything on a fresh machine:
 #   make bench   - create .venv, install torch + deps, build the extension, run the benchmarks
 #   make test    - same set-up, then the test suite
-# Other targets: make venv | build | clean. Variables: PYTHON, VENV, TORCH_SPEC, MAX_JOBS,
+# Other targets: make venv | build | lint | clean. Variables: PYTHON, VENV, TORCH_SPEC, MAX_JOBS,
 # BENCH_ARGS (passed to benchmarks/inner_loop.py), PYTEST_ARGS.
 # The extension is compiled only when a file under csrc/, setup.py or pyproject.toml changed
 # since the last build (or the compiled module is missing): `make bench` right after `make test`
@@ -11,7 +11,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-DEPS ?= numpy pillow tqdm matplotlib pyyaml pytest expecttest hypothesis
+DEPS ?= numpy pillow tqdm matplotlib pyyaml pytest expecttest hypothesis ruff
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 BENCH_ARGS ?=
 PYTEST_ARGS ?= -q
@@ -25,7 +25,7 @@ ifeq ($(wildcard mamlpp_ext/_C*.so),)
 $(shell rm -f $(EXT_STAMP))
 endif
 
-.PHONY: venv build test bench clean
+.PHONY: venv build test lint bench clean
 
 venv: $(VENV)/.deps-installed
 
@@ -47,6 +47,10 @@ $(EXT_STAMP): $(VENV)/.deps-installed $(EXT_SOURCES)
 
 test: build
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml ([tool.ruff]); CI runs it before the tests.
+lint: venv
+	$(PY) -m ruff check .
 
 bench: build
 	$(PY) benchmarks/inner_loop.py $(BENCH_ARGS)

@@ -23,7 +23,8 @@ from .one_shot import OneShotRun, evaluate_one_shot, load_one_shot_runs  # noqa:
 
 __all__ = [
     "ClassPool", "CorruptImageError", "DataError", "DatasetNotFoundError", "Episode", "EpisodeDataset", "EpisodeShard",
-    "ImageStore", "OmniglotData", "atomic_write", "TaskSpec", "default_omniglot_root", "load_omniglot", "omniglot_episodes",
+    "ImageStore", "OmniglotData", "atomic_write", "TaskSpec", "default_omniglot_root", "load_omniglot",
+    "omniglot_episodes",
     "resolve_cache_dir", "resolve_omniglot_root", "IMAGENET_MEAN", "IMAGENET_STD", "MiniImageNetData",
     "load_mini_imagenet", "resolve_mini_imagenet_root", "OneShotRun", "evaluate_one_shot", "load_one_shot_runs",
     "default_mini_imagenet_root", "user_data_dir",

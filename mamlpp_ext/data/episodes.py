@@ -297,7 +297,8 @@ class EpisodeShard(torch.utils.data.Dataset):
             raise ValueError(f"the meta-batch of {T} tasks cannot be split evenly across {count} processes; "
                              f"choose a meta_batch divisible by the number of processes")
         if dataset.num_tasks % T:
-            raise ValueError(f"cannot shard a stream whose last meta-batch is partial ({dataset.num_tasks} tasks, T={T})")
+            raise ValueError(f"cannot shard a stream whose last meta-batch is partial ({dataset.num_tasks} tasks, "
+                             f"T={T})")
         self.dataset, self.index, self.count = dataset, index, count
         self.per_shard = T // count
         self.meta_batch_size = self.per_shard

@@ -55,7 +55,8 @@ def _find_runs(root: Path):
     "run01/test/item01.png", the archive or folder found, the run names ("run01", …), and
     ``show(relpath)``, the full name of a file for error messages."""
     cands = [root] if root.suffix == ".zip" or root.name == "all_runs" else [
-        root / "all_runs.zip", root / "all_runs", root / "omniglot-py" / "all_runs.zip", root / "omniglot-py" / "all_runs"]
+        root / "all_runs.zip", root / "all_runs", root / "omniglot-py" / "all_runs.zip",
+        root / "omniglot-py" / "all_runs"]
     for c in cands:
         if c.is_file() and c.suffix == ".zip":
             try:
@@ -99,7 +100,10 @@ def load_one_shot_runs(root: str | os.PathLike | None = None, *, size: int = 28,
     the default folder) holding ``all_runs.zip`` or ``all_runs/``, or the path of either itself.
     """
     resample_filter(resample)  # reject an unknown filter name before any work
-    root_path = Path(root).expanduser() if root is not None and str(root).endswith(".zip") else resolve_omniglot_root(root)
+    if root is not None and str(root).endswith(".zip"):
+        root_path = Path(root).expanduser()
+    else:
+        root_path = resolve_omniglot_root(root)
     read, where, runs, show = _find_runs(root_path)
     if not runs:
         raise DatasetNotFoundError(f"{where} holds no runNN/class_labels.txt")

@@ -100,7 +100,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mamlpp-train", description="Train a MAML++ (or MAML) meta-learner on Omniglot or mini-ImageNet.",
         epilog="presets: " + ", ".join(preset_names()))
-    p.add_argument("--preset", help="a public setting (docs/method.md §6), e.g. omniglot-5way-1shot; see --list-presets")
+    p.add_argument("--preset",
+                   help="a public setting (docs/method.md §6), e.g. omniglot-5way-1shot; see --list-presets")
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.add_argument("--config", help="JSON or YAML file of MAMLConfig fields (may hold 'preset')")
     p.add_argument("--network", metavar="MODULE:FUNCTION",
