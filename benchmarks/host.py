@@ -26,7 +26,8 @@ import pstats
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import timing  # benchmarks/ is on sys.path when run as a script or through inner_loop.py
+import meta_step  # benchmarks/ is on sys.path when run as a script or through inner_loop.py
+import timing
 
 COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("ops", "ops/step", "d"),
            ("compute_ops", "compute ops", "d"), ("custom_ops", "custom ops", "d"), ("py_calls", "Python calls", "d"),
@@ -54,18 +55,8 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _batch(cfg, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    T = cfg.meta_batch
-
-    def labels(per_class):
-        base = torch.arange(cfg.ways).repeat_interleave(per_class)
-        return torch.stack([base[torch.randperm(len(base), generator=g)] for _ in range(T)])
-
-    sy, qy = labels(cfg.shots), labels(cfg.queries)
-    sx = torch.rand(T, sy.shape[1], *cfg.image_shape, generator=g)
-    qx = torch.rand(T, qy.shape[1], *cfg.image_shape, generator=g)
-    return sx, sy, qx, qy
+def _batch(cfg):
+    return meta_step._batch(cfg, torch.device("cpu"), torch.float32)
 
 
 def count_step(learner, batch) -> dict:

@@ -2,6 +2,7 @@
 cache, and the real Omniglot (skipped, saying how to provide it, when absent)."""
 
 import pytest
+import torch
 
 from mamlpp_ext.data.synthetic import make_fake_omniglot
 
@@ -31,3 +32,14 @@ def real_omniglot_root():
     except DatasetNotFoundError:
         pytest.skip("the real Omniglot is not available: set MAMLPP_OMNIGLOT_ROOT to a complete copy "
                     "(`mamlpp-data download omniglot` fetches one; .ci/run sets it where the developers' copy exists)")
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny networks: one intra-op thread is as fast, and immune to OpenMP spin-waiting when other
+    processes share the cores (which slowed such tests down 20x on a busy 2-core machine). Use
+    with ``pytestmark = pytest.mark.usefixtures("one_intra_op_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -31,14 +31,7 @@ SHAPES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These nets are tiny: one thread is as fast, and immune to OpenMP spin-waiting when other
-    processes share the cores (which slowed this file down 20x on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest.py
 
 
 def small_config(shape="omniglot", **kw) -> MAMLConfig:

@@ -17,13 +17,7 @@ from mamlpp_ext.ops import reference
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny tensors: one thread is as fast and immune to OpenMP spin-waiting on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest.py
 
 
 def test_spec_sizes():

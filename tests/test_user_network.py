@@ -24,12 +24,7 @@ needs_ext = pytest.mark.skipif(not mamlpp_ext.has_extension(), reason="compiled 
 BACKENDS = ["sequential", "batched", pytest.param("fused", marks=needs_ext)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest.py
 
 
 def four_conv_relu(c_in=1, ways=3, filters=8):

@@ -8,7 +8,8 @@
 //   _lslr_scale(x, lrs, s, a)_k  = a * lrs[k, s] * x_k
 //   _lslr_dot(x, y, like, s, a)  = (K, S) zeros except [k, s] = a * sum(x_k * y_k)
 // d update / d grads is a scale, d update / d lrs is a dot; d scale is a scale and a dot; d dot
-// is two scales. So every order of derivative runs on these fused kernels (mamlpp_ext/ops.py).
+// is two scales. So every order of derivative runs on these fused kernels (their autograd:
+// csrc/autograd/lslr_autograd.cpp).
 #pragma once
 
 #include <c10/macros/Macros.h>
