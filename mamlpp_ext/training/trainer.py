@@ -94,14 +94,14 @@ class TrainingInterrupted(Exception):
 #     _FALLBACK_BACKEND; "fused" falls back to "batched" where the compiled kernels for the device
 #     are not built.
 DEFAULT_BACKENDS = {
-    # CPU, Omniglot 5-way 1-shot: fused 0.757 < batched 1.079 < sequential 1.419 (20-way 1-shot:
-    # sequential 3.417, fused 3.558, batched 4.021 -- 3 timed steps each, within their spread).
+    # CPU, idle 2-core machine, 2026-11-29 (RESULTS.md, "Session of 2026-11-29"): Omniglot 5-way
+    # 1-shot fused 0.487 < batched 0.703 < sequential 0.929 s/step; 20-way 1-shot fused 2.073 <
+    # batched 2.681 < sequential 2.842 (5 timed steps each, grouped convolutions).
     ("cpu", "omniglot"): "fused",
-    # CPU, mini-ImageNet 5-way 1-shot: sequential and fused tie within the noise of a loaded machine
-    # (interleaved medians 48.8 and 48.4 s, batched 51.1; RESULTS.md, 2026-11-29, "inconclusive").
-    ("cpu", "mini-imagenet"): "sequential",
+    # CPU, same run, mini-ImageNet 5-way 1-shot: fused 5.308 < sequential 7.175 < batched 8.402.
+    ("cpu", "mini-imagenet"): "fused",
     # H100, Omniglot 20-way 1-shot: fused 0.0855 < batched 0.1080 < sequential 0.6234
-    # (5-way: batched 0.1006, fused 0.1065, sequential 0.5598 -- one run each).
+    # (5-way: batched 0.1006, fused 0.1065, sequential 0.5598 -- one run each, eager steps).
     ("cuda", "omniglot"): "fused",
     # H100, mini-ImageNet 5-way 1-shot: fused 0.1009 < batched 0.1197 < sequential 0.1622.
     ("cuda", "mini-imagenet"): "fused",
