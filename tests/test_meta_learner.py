@@ -166,6 +166,48 @@ def test_backends_agree_with_sequential(shape, second_order, msl_epoch, backend)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_configured_activation_slope_is_what_runs(backend):
+    """config.leaky_relu_slope reaches the network's fused BN + activation: the backends agree with
+    the sequential reference at slope 0.2, and the result differs from slope 0.01."""
+    batch = random_batch(small_config(), seed=3)
+    cfg = small_config(leaky_relu_slope=0.2)
+    _, loss_s, _, g_s = _run_meta_loss(cfg, "sequential", batch, 0)
+    _, loss_b, _, g_b = _run_meta_loss(cfg, backend, batch, 0)
+    close(loss_b, loss_s)
+    for a, b in zip(g_b, g_s):
+        close(a, b)
+    _, loss_001, _, _ = _run_meta_loss(small_config(leaky_relu_slope=0.01), backend, batch, 0)
+    assert abs(float(loss_001) - float(loss_b)) > 1e-6
+
+
+@needs_ext
+@pytest.mark.parametrize("bn_eval_stats", ["batch", "running"])
+def test_fused_backend_runs_no_separate_activation_or_batch_norm(bn_eval_stats):
+    """The fused backend's network forwards go through the compiled BN op with the activation fused,
+    in training and in evaluation: no ATen batch norm or LeakyReLU op is dispatched."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    cfg = small_config(bn_eval_stats=bn_eval_stats)
+    learner = MAMLPlusPlus(cfg, backend="fused", dtype=DT)
+    batch = random_batch(cfg, seed=4)
+    for run in (lambda: learner.meta_step(*batch, epoch=0), lambda: learner.evaluate(*batch)):
+        with Names() as names:
+            run()
+        assert "mamlpp_ext.batch_norm" in names.seen or "mamlpp_ext.batch_norm_eval" in names.seen
+        banned = {n for n in names.seen if "leaky_relu" in n or n.startswith("aten.") and "batch_norm" in n}
+        assert not banned, banned
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_one_task_running_stats_identical(backend):
     cfg = small_config(meta_batch=1)
     batch = random_batch(cfg, seed=5)
