@@ -23,6 +23,7 @@ memory allocated during the timed steps.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -117,6 +118,7 @@ def run(args) -> list[dict]:
                 learner.net.conv_layout = layout
             row["conv_layout"] = learner.net.conv_layout
             if device.type == "cuda":
+                gc.collect()  # earlier learners (and their graph pools) must be gone before the peak is reset
                 torch.cuda.synchronize(device)
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)

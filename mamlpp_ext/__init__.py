@@ -31,9 +31,7 @@ def extension_error() -> str | None:
     return ops.EXTENSION_ERROR
 
 
-def cuda_built() -> bool:
-    """True when the extension was compiled with its CUDA kernels."""
-    return bool(build_info()["cuda"])
+from .ops import cuda_built  # noqa: E402
 
 
 def build_info() -> dict:

@@ -173,6 +173,22 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, fake_root, stop_at)
         json.loads((tmp_path / "part" / "checkpoints" / "best.json").read_text())
 
 
+def test_resumed_train_records_equal_uninterrupted(tmp_path, fake_root):
+    """The "train" records (every 4 steps) of a run stopped at step 6 and resumed equal those of
+    an uninterrupted run: the unfinished log window is checkpointed."""
+    full = _trainer(tmp_path / "full", fake_root, log_every=4)
+    full.fit()
+    part = _trainer(tmp_path / "part", fake_root, log_every=4)
+    part.fit(stop_at_iteration=6)
+    _resume(tmp_path / "part", fake_root, log_every=4).fit()
+
+    def records(run):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(r["iteration"], r["loss"], r["accuracy"]) for r in map(json.loads, lines) if r["kind"] == "train"]
+
+    assert len(records(tmp_path / "full")) == 3 and records(tmp_path / "full") == records(tmp_path / "part")
+
+
 def test_resume_restores_rng_and_drops_logs_after_the_checkpoint(tmp_path, fake_root):
     part = _trainer(tmp_path / "run", fake_root, log_every=1)
     part.fit(stop_at_iteration=5)

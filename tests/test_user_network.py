@@ -297,3 +297,47 @@ def test_cli_trains_and_evaluates_a_user_network(tmp_path, monkeypatch, fake_roo
         T.main([*sets, "--network", "cli_nets:missing", "--run-dir", str(tmp_path / "bad"), "--no-progress",
                 *common])
     sys.modules.pop("cli_nets", None)
+
+
+def test_layers_on_the_wrong_side_of_flatten_are_rejected_when_lifting():
+    for module, words in [
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Linear(6, 3)), "'1' (Linear) must come after nn.Flatten()"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.BatchNorm2d(4)), "'2' (BatchNorm2d) must come before"),
+        (nn.Sequential(nn.Flatten(), nn.MaxPool2d(2)), "'1' (MaxPool2d) must come before"),
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm1d(4), nn.Flatten(), nn.Linear(144, 3)),
+         "'1' (BatchNorm1d) must come after"),
+    ]:
+        with pytest.raises(ValueError, match="network: ") as info:
+            SequentialNet(module, (1, 8, 8))
+        assert words in str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_leaky_relu_after_batch_norm_runs_unfused(backend):
+    """LeakyReLU(-0.1) after a batch norm cannot be fused (the op needs slope >= 0): it runs as its
+    own layer, and the result still equals the user's module."""
+    torch.manual_seed(3)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.LeakyReLU(-0.1), nn.Flatten(),
+                           nn.Linear(4 * 8 * 8, 3)).to(DT)
+    cfg = MAMLConfig(ways=3, shots=2, queries=2, meta_batch=2, image_height=8, image_width=8, inner_steps=2,
+                     eval_inner_steps=2, msl_epochs=3, network="custom")
+    learner = MAMLPlusPlus(cfg, backend=backend, dtype=DT, network=module)
+    batch = random_batch(cfg)
+    expect, _, _ = functional_call_meta_loss(module, learner, batch, 0)
+    torch.testing.assert_close(learner.meta_loss(*batch, epoch=0)[0], expect, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["batched", pytest.param("fused", marks=needs_ext)])
+def test_per_task_convolution_layout_equals_grouped(backend):
+    module, cfg = make("grouped_mlp_head")
+    learner = MAMLPlusPlus(cfg, backend=backend, dtype=DT, network=module)
+    batch = random_batch(cfg)
+    grouped = learner.meta_loss(*batch, epoch=0)[0]
+    g_grouped = torch.autograd.grad(grouped, learner.parameters())
+    learner.net.conv_layout = "per_task"
+    per_task = learner.meta_loss(*batch, epoch=0)[0]
+    torch.testing.assert_close(per_task, grouped, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(per_task, learner.parameters()), g_grouped):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="conv_layout must be one of"):
+        learner.net.conv_layout = "bogus"

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -58,43 +59,64 @@ class GraphRunner:
     """Captures and replays a learner's training step and evaluation (NOTE [Graph mode]).
 
     Args:
-        learner: a ``MAMLPlusPlus`` whose optimizer is capturable with a tensor learning rate
-            (``MAMLPlusPlus(..., graph=True)`` sets that up).
-        warmup_steps: eager steps run for every new capture key before capturing.
-        capture: False runs the captured functions eagerly (``check_capturable`` uses it).
+        learner: a ``MAMLPlusPlus`` on a CUDA device whose optimizer is capturable with a tensor
+            learning rate (``MAMLPlusPlus(..., graph=True)`` sets that up). The runner holds it
+            weakly (the learner owns the runner).
+        warmup_steps: eager steps run for every new capture key before capturing (>= 1: the
+            first one creates Adam's state outside the graph).
         log: where the one line per capture goes.
     """
 
-    def __init__(self, learner, warmup_steps: int = 2, capture: bool = True,
+    def __init__(self, learner, warmup_steps: int = 2,
                  log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)) -> None:
-        self.learner = learner
-        self.warmup_steps = int(warmup_steps)
-        self.capture = capture
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be an int >= 1 (Adam's state must exist before a capture), "
+                             f"got {warmup_steps!r}")
+        self._learner = weakref.ref(learner)
+        self.device = learner.device
+        self.warmup_steps = warmup_steps
         self.log = log
         self.captures = 0
+        self._weights: Optional[Tensor] = None
+        with torch.cuda.device(self.device):
+            # warm-up steps and every capture run on streams of the learner's device (a graph
+            # captured on another device's stream would be empty)
+            self._side = torch.cuda.Stream(device=self.device)
+            self._capture_stream = torch.cuda.Stream(device=self.device)
+        self.reset()
+
+    @property
+    def learner(self):
+        lrn = self._learner()
+        if lrn is None:
+            raise RuntimeError("GraphRunner: its learner no longer exists")
+        return lrn
+
+    def reset(self) -> None:
+        """Forget every captured graph (and free their memory pools): the next steps warm up and
+        capture again. Needed when tensors a graph reads are replaced (a loaded state dict, a
+        switched backend)."""
         self._train_key = None
         self._train_warm = 0
         self._train: dict = {}
         self._eval: dict = {}
-        self._weights: Optional[Tensor] = None
-        self._side = torch.cuda.Stream(device=learner.device) if capture else None
 
     # ----------------------------------------------------------------- helpers
-    def _stream(self):
-        return torch.cuda.stream(self._side) if self._side is not None else contextlib.nullcontext()
-
     def _wait_side(self) -> None:
-        if self._side is not None:
-            self._side.wait_stream(torch.cuda.current_stream(self.learner.device))
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
 
     def _join_side(self) -> None:
-        if self._side is not None:
-            torch.cuda.current_stream(self.learner.device).wait_stream(self._side)
+        torch.cuda.current_stream(self.device).wait_stream(self._side)
+
+    def _graph(self, graph: "torch.cuda.CUDAGraph", pool=None):
+        # thread_local: a DataLoader's pin-memory thread may use CUDA while we capture
+        return torch.cuda.graph(graph, pool=pool, stream=self._capture_stream, capture_error_mode="thread_local")
 
     def set_loss_weights(self, weights: list) -> Tensor:
         """The device tensor of MSL loss weights the graph reads, updated in place (no host read)."""
+        lrn = self.learner
         if self._weights is None or self._weights.numel() != len(weights):
-            self._weights = torch.tensor(weights, dtype=self.learner.dtype, device=self.learner.device)
+            self._weights = torch.tensor(weights, dtype=lrn.dtype, device=lrn.device)
         else:
             for i, w in enumerate(weights):
                 self._weights[i].fill_(w)
@@ -109,8 +131,9 @@ class GraphRunner:
     def train_body(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan) -> Tensor:
         """One whole training step on device tensors (no cross-process mean): what a single graph
         captures. Returns [loss, accuracy, task accuracies] on the device."""
-        metrics = self.learner._forward_backward(sx, sy, qx, qy, plan)
-        self.learner._clamp_and_step()
+        lrn = self.learner
+        metrics = lrn._forward_backward(sx, sy, qx, qy, plan)
+        lrn._clamp_and_step()
         return metrics
 
     def eval_body(self, sx, sy, qx, qy, steps: int):
@@ -122,17 +145,21 @@ class GraphRunner:
     def train_step(self, batch: tuple, plan) -> Tensor:
         """Copy ``batch`` (validated host or device tensors, learner dtype) in, run the step,
         return the device metrics (valid until the next step)."""
+        with torch.cuda.device(self.device):
+            return self._train_step(batch, plan)
+
+    def _train_step(self, batch: tuple, plan) -> Tensor:
         lrn = self.learner
         plan = plan._replace(loss_weights=self.set_loss_weights(plan.loss_weights))
         key = (plan.score_every_step, plan.second_order, tuple(tuple(t.shape) for t in batch),
                lrn.cross_process_mean is not None)
         if key != self._train_key:
             self._train_key, self._train_warm, self._train = key, 0, {}
-        if not self.capture or self._train_warm < self.warmup_steps:
+        if self._train_warm < self.warmup_steps:
             self._train_warm += 1
             dev_batch = [t.to(lrn.device, non_blocking=True) for t in batch]
             self._wait_side()
-            with self._stream():
+            with torch.cuda.stream(self._side):
                 metrics = lrn._train_step(*dev_batch, plan)
             self._join_side()
             return metrics
@@ -140,12 +167,10 @@ class GraphRunner:
             self._capture_train(batch, plan)
         g = self._train
         self._copy_in(g["static"], batch)
-        if "graph_b" not in g:
-            g["graph"].replay()
-            return g["out"]
         g["graph"].replay()
-        lrn.cross_process_mean([p.grad for p in lrn._grads_for_mean()] + lrn.running_stats + [g["out"][:2]])
-        g["graph_b"].replay()
+        if "graph_b" in g:
+            lrn.cross_process_mean([p.grad for p in lrn._grads_for_mean()] + lrn.running_stats + [g["out"][:2]])
+            g["graph_b"].replay()
         return g["out"]
 
     def _capture_train(self, batch, plan) -> None:
@@ -156,8 +181,7 @@ class GraphRunner:
         lrn.optimizer.zero_grad(set_to_none=True)  # the captured backward allocates the gradients
         g: dict = {"static": static}
         graph = torch.cuda.CUDAGraph()
-        # thread_local: a DataLoader's pin-memory thread may use CUDA while we capture
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with self._graph(graph):
             if lrn.cross_process_mean is None:
                 g["out"] = self.train_body(*static, plan)
             else:
@@ -166,7 +190,7 @@ class GraphRunner:
         if lrn.cross_process_mean is not None:
             lrn._grads_for_mean()  # allocate any gradient the backward did not produce, outside the graph
             graph_b = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph_b, pool=graph.pool(), capture_error_mode="thread_local"):
+            with self._graph(graph_b, pool=graph.pool()):
                 lrn._clamp_and_step()
             g["graph_b"] = graph_b
         self._train = g
@@ -179,15 +203,17 @@ class GraphRunner:
     # --------------------------------------------------------------- evaluation
     def evaluate(self, sx, sy, qx, qy, steps: int):
         """(task losses or None, logits) of an evaluation batch; the outputs are copies."""
+        with torch.cuda.device(self.device):
+            return self._evaluate(sx, sy, qx, qy, steps)
+
+    def _evaluate(self, sx, sy, qx, qy, steps: int):
         lrn = self.learner
         batch = tuple(t for t in (sx, sy, qx, qy) if t is not None)
         key = (steps, qy is not None, tuple(tuple(t.shape) for t in batch))
-        if not self.capture:
-            return self.eval_body(sx, sy, qx, qy, steps)
         entry = self._eval.get(key)
         if entry is None:
             self._wait_side()
-            with self._stream():  # warm-up: evaluation changes no state
+            with torch.cuda.stream(self._side):  # warm-up: evaluation changes no state
                 result = self.eval_body(sx, sy, qx, qy, steps)
             self._join_side()
             static = [torch.empty(t.shape, dtype=t.dtype, device=lrn.device) for t in batch]
@@ -195,7 +221,7 @@ class GraphRunner:
             torch.cuda.synchronize(lrn.device)
             graph = torch.cuda.CUDAGraph()
             args = static if qy is not None else static + [None]
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with self._graph(graph):
                 out = self.eval_body(*args, steps)
             self._eval[key] = {"graph": graph, "static": static, "out": out}
             self.captures += 1
@@ -208,15 +234,29 @@ class GraphRunner:
         return (None if losses is None else losses.clone()), logits.clone()
 
 
+class _BodyRunner(GraphRunner):
+    """The captured functions without capture (no CUDA needed): ``check_capturable``."""
+
+    def __init__(self, learner) -> None:
+        self._learner = weakref.ref(learner)
+        self.device = learner.device
+        self._weights = None
+
+
 class HostSyncError(RuntimeError):
     """An op read device data on the host inside a function that graph mode captures."""
 
 
 class HostSyncGuard(TorchDispatchMode):
-    """Raises ``HostSyncError`` on ops that read device data on the host or copy it to the host.
+    """Raises ``HostSyncError`` on ops that read device data on the host (``.item()``,
+    ``bool(t)``, ``nonzero``, ...), copy device data to the host, or copy host tensors to the
+    device.
 
     Use it with meta tensors (``check_capturable``): there every other data-dependent read
-    (``.tolist()``, ``bool(t)``, printing) raises too, since meta tensors hold no data.
+    (``.tolist()``, printing) raises too, since meta tensors hold no data. What it cannot see: host
+    reads inside a custom op's device kernel (on meta the op's fake kernel runs), and code paths
+    that differ by device (torch's Adam takes its single-tensor path on meta and its foreach path
+    on CUDA).
     """
 
     SYNC_OPS = ("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero", "aten.equal",
@@ -230,8 +270,13 @@ class HostSyncGuard(TorchDispatchMode):
             kwargs = kwargs or {}
             src = args[1] if name == "aten.copy_" else args[0]
             dst_device = args[0].device if name == "aten.copy_" else kwargs.get("device")
-            if dst_device is not None and torch.device(dst_device).type == "cpu" and src.device.type != "cpu":
-                raise HostSyncError(f"{func} copies {src.device.type} data to the host")
+            if dst_device is not None and isinstance(src, torch.Tensor):
+                src_cpu, dst_cpu = src.device.type == "cpu", torch.device(dst_device).type == "cpu"
+                if dst_cpu and not src_cpu:
+                    raise HostSyncError(f"{func} copies {src.device.type} data to the host")
+                if src_cpu and not dst_cpu and src.dim() > 0:
+                    raise HostSyncError(f"{func} copies host data to the device inside the captured code "
+                                        f"(a capture records the address, not the values)")
         return func(*args, **(kwargs or {}))
 
 
@@ -260,7 +305,7 @@ def check_capturable(learner, epochs=(0,), eval_steps: Optional[int] = None) -> 
     if learner.device.type != "meta":
         raise ValueError(f"check_capturable needs a learner on the meta device, got {learner.device}")
     config = learner.config
-    runner = GraphRunner(learner, capture=False)
+    runner = _BodyRunner(learner)
     T = config.meta_batch
     shape = config.image_shape
     sx = torch.empty(T, config.ways * config.shots, *shape, device="meta")

@@ -64,6 +64,7 @@ from .schedules import EpochPlan, epoch_plan, meta_lr_at
 __all__ = ["BACKENDS", "Backend", "MAMLPlusPlus", "build_network"]
 
 _STATE_FORMAT = "mamlpp_ext.MAMLPlusPlus/1"
+_SAID: set = set()  # the graph-mode-off reasons already printed
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def build_network(config: MAMLConfig, network=None) -> TaskNetwork:
     if not isinstance(network, TaskNetwork):
         raise TypeError(f"{source}: expected an nn.Sequential or a mamlpp_ext.model.network.TaskNetwork, got "
                         f"{type(network).__name__}")
+    network.check_input_shape(config.image_shape)
     if network.num_classes != config.ways:
         raise ValueError(f"{source}: the network has {network.num_classes} outputs but the config has "
                          f"ways={config.ways}")
@@ -199,7 +201,8 @@ class MAMLPlusPlus:
         why_not = graph_support(self.device, self.backend_impl) if graph in (True, "auto") else None
         if why_not is not None and graph is True:
             raise ValueError(why_not)
-        if why_not is not None:
+        if why_not is not None and why_not not in _SAID:  # once per reason and process
+            _SAID.add(why_not)
             print(f"mamlpp_ext: graph mode off: {why_not}", file=sys.stderr, flush=True)
         # "check": the capturable optimizer state without a runner (graph.check_capturable)
         self._capturable = graph == "check" or (bool(graph) and why_not is None)
@@ -226,13 +229,16 @@ class MAMLPlusPlus:
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected one of {tuple(BACKENDS)}")
         impl = BACKENDS[name]
-        if getattr(self, "graph", None) is not None and graph_support(self.device, impl) is not None:
+        graph = getattr(self, "graph", None)
+        if graph is not None and graph_support(self.device, impl) is not None:
             raise ValueError(f"cannot switch a graph-mode learner to backend {name!r}: "
                              f"{graph_support(self.device, impl)}")
         if impl.needs_extension and not ops.has_extension():
             raise RuntimeError(f"backend={name!r} needs the compiled mamlpp_ext kernels, but "
                                f"{ops.EXTENSION_ERROR}; use backend='batched' or 'sequential'")
         self.backend_impl = impl
+        if graph is not None:
+            graph.reset()  # the captured graphs run the old backend's ops
 
     def parameters(self) -> list[Tensor]:
         """Meta-learned tensors, in optimiser order: θ₀, then γ/β per affine BN layer, then LSLR (if learnable)."""
@@ -543,12 +549,11 @@ class MAMLPlusPlus:
         cap = self._capturable
         for group in self.optimizer.param_groups:
             group["capturable"] = cap
-            group["lr"] = torch.tensor(self._meta_lr_value, dtype=torch.float32, device=self.device) if cap \
+            group["lr"] = torch.tensor(self._meta_lr_value, dtype=self.dtype, device=self.device) if cap \
                 else self._meta_lr_value
         for state in self.optimizer.state.values():
             if "step" in state:
-                step = state["step"]
-                state["step"] = step.to(device=self.device if cap else "cpu", dtype=torch.float32)
+                state["step"] = state["step"].to(device=self.device if cap else "cpu")
 
     # ------------------------------------------------------------ evaluation
     def _eval_steps(self, steps: Optional[int]) -> int:
@@ -684,6 +689,8 @@ class MAMLPlusPlus:
         self.last_epoch = state.get("scheduler", {}).get("last_epoch")
         self._meta_lr_value = self.meta_lr(self.last_epoch if self.last_epoch is not None else 0)
         self._configure_optimizer()  # the stored state may come from the other (eager/graph) mode
+        if self.graph is not None:
+            self.graph.reset()  # the captured step read the optimizer state and lr tensors just replaced
         self.meta_steps_done = int(state.get("meta_steps_done", 0))
 
     def _portable_optimizer_state(self) -> dict:
@@ -694,7 +701,7 @@ class MAMLPlusPlus:
             group["lr"], group["capturable"] = self._meta_lr_value, False
         for s in st["state"].values():
             if "step" in s:
-                s["step"] = s["step"].detach().to("cpu", torch.float32)
+                s["step"] = s["step"].detach().to("cpu")
         return st
 
     @classmethod

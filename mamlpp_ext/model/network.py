@@ -67,7 +67,7 @@ class TaskNetwork:
 
     Attributes a subclass sets: ``weight_names`` and ``weight_shapes`` (the K fast-weight tensors,
     without the task dim), ``bn_layers`` (one ``BNLayer`` per call index of ``bn``, in order) and
-    ``num_classes``. ``conv_layout`` may be set by the meta-learner (NOTE [Convolution layout]).
+    ``num_classes``.
     """
 
     weight_names: list[str]
@@ -104,8 +104,9 @@ SUPPORTED_LAYERS = ("Conv2d", "BatchNorm2d", "BatchNorm1d", "ReLU", "LeakyReLU",
 # NOTE [Convolution layout]
 #     ``conv_layout = "grouped"`` runs a convolution of T tasks as one grouped convolution over
 #     the task-major channels; ``"per_task"`` runs T ordinary convolutions on the channel slices
-#     and concatenates them. Same arithmetic; which is faster depends on the device and the
-#     shapes (benchmarks/RESULTS.md), so the meta-learner's backend picks it.
+#     and concatenates them. Same arithmetic. Measured on the CPU for the public Omniglot and
+#     mini-ImageNet settings, grouped was faster in every case (benchmarks/RESULTS.md, session of
+#     2026-11-29), so it is the default; set ``net.conv_layout`` to compare on another device.
 CONV_LAYOUTS = ("grouped", "per_task")
 
 
@@ -157,7 +158,8 @@ class SequentialNet(TaskNetwork):
         if len(input_shape) != 3 or min(input_shape) < 1:
             raise ValueError(f"network: input_shape must be (C, H, W) with positive sizes, got {input_shape}")
         self.input_shape = input_shape
-        self.conv_layout = "grouped"
+        self._conv_layout = "grouped"
+        self._flat = False  # while lifting: are the activations flat (after Flatten) yet
         self.weight_names: list[str] = []
         self.weight_shapes: list[tuple[int, ...]] = []
         self.bn_layers: list[BNLayer] = []
@@ -174,7 +176,24 @@ class SequentialNet(TaskNetwork):
             i += consumed
         self.num_classes = self._check_module(module, input_shape)
 
+    @property
+    def conv_layout(self) -> str:
+        """How T tasks' convolutions run (NOTE [Convolution layout]): "grouped" or "per_task"."""
+        return self._conv_layout
+
+    @conv_layout.setter
+    def conv_layout(self, value: str) -> None:
+        if value not in CONV_LAYOUTS:
+            raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {value!r}")
+        self._conv_layout = value
+
     # ------------------------------------------------------------------ lifting
+    def _need(self, name: str, kind: type, flat: bool) -> None:
+        """Layers before ``Flatten`` see (B, C, H, W) images, layers after it (B, F) features."""
+        if flat != self._flat:
+            where = "after nn.Flatten()" if flat else "before nn.Flatten() (on images)"
+            raise ValueError(f"network: layer {name!r} ({kind.__name__}) must come {where}; the lifted network "
+                             f"runs image layers on (B, C, H, W) and feature layers on flattened (B, F) inputs")
     def _fast(self, name: str, t: Optional[Tensor]) -> Optional[int]:
         if t is None:
             return None
@@ -187,6 +206,7 @@ class SequentialNet(TaskNetwork):
         """Append the functional form of layer ``m``; returns how many layers it consumed."""
         kind = type(m)
         if kind is nn.Conv2d:
+            self._need(name, kind, flat=False)
             if m.padding_mode != "zeros":
                 raise ValueError(f"network: layer {name!r} (Conv2d) has padding_mode={m.padding_mode!r}; "
                                  f"only 'zeros' is supported")
@@ -195,11 +215,13 @@ class SequentialNet(TaskNetwork):
             self._layers.append(self._conv(kw, kb, m.stride, m.padding, m.dilation, m.groups))
             return 1
         if kind is nn.Linear:
+            self._need(name, kind, flat=True)
             kw = self._fast(name + ".weight", m.weight)
             kb = self._fast(name + ".bias", m.bias)
             self._layers.append(self._linear(kw, kb))
             return 1
         if kind in (nn.BatchNorm2d, nn.BatchNorm1d):
+            self._need(name, kind, flat=kind is nn.BatchNorm1d)
             if m.momentum is None:
                 raise ValueError(f"network: layer {name!r} ({kind.__name__}) has momentum=None (cumulative "
                                  f"average); per-step running statistics need a momentum, e.g. 0.1")
@@ -211,12 +233,16 @@ class SequentialNet(TaskNetwork):
                 m.weight.detach().clone() if affine else None, m.bias.detach().clone() if affine else None,
                 m.running_mean.detach().clone() if track else None, m.running_var.detach().clone() if track else None))
             slope = _activation_slope(nxt) if nxt is not None else None
+            if slope is not None and slope < 0:  # the fused op needs a >= 0 slope: apply it as its own layer
+                slope = None
             self._layers.append(self._batch_norm(idx, slope, spatial=kind is nn.BatchNorm2d))
             return 2 if slope is not None else 1
         slope = _activation_slope(m)
         if slope is not None:
             self._layers.append(lambda h, w, bn, T, s=slope: _act(h, s))
             return 1
+        if kind in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+            self._need(name, kind, flat=False)
         if kind is nn.MaxPool2d:
             if m.return_indices:
                 raise ValueError(f"network: layer {name!r} (MaxPool2d) has return_indices=True; not supported")
@@ -235,6 +261,7 @@ class SequentialNet(TaskNetwork):
                 raise ValueError(f"network: layer {name!r} (Flatten) must flatten dims 1..-1 (the default), got "
                                  f"start_dim={m.start_dim}, end_dim={m.end_dim}")
             self._layers.append(self._flatten)
+            self._flat = True
             return 1
         if kind is nn.Dropout:
             if m.p > 0 and m.training:
@@ -256,7 +283,7 @@ class SequentialNet(TaskNetwork):
             b = weights[kb] if kb is not None else None
             if T == 1:
                 return F.conv2d(h, w[0], b[0] if b is not None else None, stride, padding, dilation, groups)
-            if self.conv_layout == "per_task":
+            if self._conv_layout == "per_task":
                 hs = h.chunk(T, dim=1)
                 return torch.cat([F.conv2d(hs[t], w[t], b[t] if b is not None else None, stride, padding, dilation,
                                            groups) for t in range(T)], dim=1)

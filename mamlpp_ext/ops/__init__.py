@@ -35,6 +35,11 @@ def has_extension() -> bool:
     return EXTENSION_ERROR is None
 
 
+def cuda_built() -> bool:
+    """True when the extension was compiled with its CUDA kernels."""
+    return EXTENSION_ERROR is None and int(torch.ops.mamlpp_ext._cuda_version()) > 0
+
+
 def require_extension(what: str = "this feature") -> None:
     """Raise a RuntimeError that explains how to build the extension."""
     if EXTENSION_ERROR is not None:
@@ -51,4 +56,4 @@ else:
     def task_batch_norm(input, tasks, weight=None, bias=None, running_mean=None, running_var=None, **kw):  # noqa: D103
         require_extension("mamlpp_ext.ops.task_batch_norm")
 
-__all__ = ["lslr_update", "task_batch_norm", "reference", "has_extension", "require_extension"]
+__all__ = ["cuda_built", "has_extension", "lslr_update", "reference", "require_extension", "task_batch_norm"]

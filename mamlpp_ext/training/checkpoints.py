@@ -6,7 +6,8 @@ NOTE [Checkpoint format]
     (``MAMLPlusPlus.state_dict()``), ``config`` (``MAMLConfig.to_dict()``), ``data``
     (``DataOptions`` as a dict), ``backend``, ``epoch`` (the next epoch to run),
     ``iteration`` (meta-steps done; the data stream resumes there), ``epoch_sums`` (the
-    running train-loss/accuracy sums of the unfinished epoch), ``rng``, ``best`` (the
+    running train-loss/accuracy sums of the unfinished epoch), ``log_window`` (the sums of the
+    next "train" log record; absent in older checkpoints), ``rng``, ``best`` (the
     retained top-k checkpoints), ``val`` (the validation result of the epoch it closes, or
     None for a mid-epoch checkpoint) and ``interrupted``.
 """

@@ -103,9 +103,14 @@ class DistributedStrategy:
     """The process strategy of one of several processes of an initialised process group (NOTE
     [Process strategy] in trainer.py): rank 0 writes files, each process runs its share of every
     meta-batch, one flat all-reduce per step averages what the learner hands over, validation
-    is split and gathered, and a signal on any process stops them all after the same step."""
+    is split and gathered, and a signal on any process stops them all after the same step.
 
-    def __init__(self) -> None:
+    The stop flag travels in every step's all-reduce and is accumulated on the device; it is read
+    on the host every ``poll_every`` steps (every step on CPU, every 16 on CUDA, where a read per
+    step would be a host sync per step), at the same step on every process, so a signal stops all
+    processes within that many steps, together."""
+
+    def __init__(self, poll_every: Optional[int] = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DistributedStrategy needs an initialised process group (torchrun + init_from_env)")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -113,6 +118,9 @@ class DistributedStrategy:
         self._agreed_stop = False
         self._stop_signal: Callable[[], Optional[int]] = lambda: None
         self._device = torch.device("cpu")
+        self._poll_every = poll_every
+        self._flag: Optional[torch.Tensor] = None  # max over steps of the all-reduced stop flag
+        self._steps = 0
 
     def shard(self, stream):
         return stream.shard(self.rank, self.world_size)
@@ -126,12 +134,17 @@ class DistributedStrategy:
         ref = tensors[-1]
         flag = torch.full((1,), 1.0 if self._stop_signal() is not None else 0.0, dtype=ref.dtype, device=ref.device)
         flat_mean_(tensors + [flag], self.world_size)
-        if flag.item() > 0:  # one sync per step; meta_step reads its metrics back anyway
+        self._flag = flag if self._flag is None else torch.maximum(self._flag, flag)
+        self._steps += 1
+        every = self._poll_every or (1 if ref.device.type == "cpu" else 16)
+        if self._steps % every == 0 and self._flag.item() > 0:
             self._agreed_stop = True
 
     def stop_requested(self, stop_signal: Optional[int], sync: bool = False) -> bool:
         if sync:
             flag = torch.tensor([1.0 if (stop_signal is not None or self._agreed_stop) else 0.0], device=self._device)
+            if self._flag is not None:  # a signal carried by a step's all-reduce but not read yet
+                flag = torch.maximum(flag, self._flag.to(flag.dtype))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             self._agreed_stop = bool(flag.item() > 0)
         # Without sync, a local signal counts once the next step's all-reduce has carried it.

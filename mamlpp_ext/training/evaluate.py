@@ -150,9 +150,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: the checkpoint's)")
     p.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available, else CPU; the default), cpu, cuda, cuda:1")
-    p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--graph", choices=("auto", "on", "off"), default="off",
                    help="CUDA-graph mode for the evaluation batches (auto: on for CUDA with the batched or fused "
-                        "backend; default auto)")
+                        "backend; default off, see docs/graph_mode.md)")
     p.add_argument("--dataset-root", help="dataset folder (default: the run's)")
     p.add_argument("--cache-dir", help="preprocessing cache folder")
     p.add_argument("--one-shot", action="store_true", help="also run the all_runs.zip 20-way one-shot benchmark")

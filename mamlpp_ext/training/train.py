@@ -114,9 +114,9 @@ def make_parser() -> argparse.ArgumentParser:
                                      f"and dataset, see docs/training.md)")
     p.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available, else CPU; the default), cpu, cuda, cuda:1")
-    p.add_argument("--graph", choices=("auto", "on", "off"), default="auto",
+    p.add_argument("--graph", choices=("auto", "on", "off"), default="off",
                    help="CUDA-graph mode: capture the meta-step once and replay it (auto: on for CUDA with the "
-                        "batched or fused backend; default auto)")
+                        "batched or fused backend). Default off until a GPU run has validated it (docs/graph_mode.md)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and the training task stream")
     p.add_argument("--epochs", type=int, help="total epochs (config total_epochs; the CA schedule spans them)")
     p.add_argument("--iters-per-epoch", type=int, help="meta-steps per epoch (config iterations_per_epoch)")

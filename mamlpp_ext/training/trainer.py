@@ -1,8 +1,9 @@
 """The MAML++ training loop over a run folder: ``Trainer``.
 
 ``Trainer`` streams meta-batches (a pure function of the seed and the iteration index), calls
-``MAMLPlusPlus.meta_step``, validates on the fixed validation tasks after every epoch, appends
-metrics to ``metrics.csv`` and ``metrics.jsonl`` (and TensorBoard when it imports), and
+``MAMLPlusPlus.train_step`` (metrics read back in batches, NOTE [Step metrics]), validates on
+the fixed validation tasks after every epoch, appends metrics to ``metrics.csv`` and
+``metrics.jsonl`` (and TensorBoard when it imports), and
 checkpoints every epoch atomically, keeping ``latest.pt`` and the best k epochs by validation
 accuracy. Resuming continues a run exactly where it stopped; SIGINT/SIGTERM save a checkpoint
 before exiting. The command line is ``mamlpp_ext.training.train`` (``mamlpp-train``); see
@@ -117,11 +118,8 @@ def default_backend(device: str | torch.device | None = None, dataset: str = "om
 
     dev_type = check_device(device).type if device is not None else "cpu"
     backend = DEFAULT_BACKENDS.get((dev_type, dataset), _FALLBACK_BACKEND)
-    if backend == "fused":
-        if not ops.has_extension():
-            return "batched"
-        if dev_type == "cuda" and int(torch.ops.mamlpp_ext._cuda_version()) <= 0:  # built without CUDA kernels
-            return "batched"
+    if backend == "fused" and (not ops.has_extension() or (dev_type == "cuda" and not ops.cuda_built())):
+        return "batched"
     return backend
 
 
@@ -205,6 +203,7 @@ class Trainer:
         self.epoch = 0  # next epoch to run
         self.iteration = 0  # meta-steps done
         self.epoch_sums = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
+        self._window = {"loss": 0.0, "accuracy": 0.0, "steps": 0}  # of the next "train" log record
         self.best: list[dict] = []  # [{"epoch", "val_accuracy", "path"}], best first
         self._stop: Optional[int] = None
         if ckpt is not None:
@@ -237,6 +236,7 @@ class Trainer:
         return {"format": ckp.CHECKPOINT_FORMAT, "learner": self.learner.state_dict(),
                 "config": self.config.to_dict(), "data": self.data.to_dict(), "backend": self.backend,
                 "epoch": self.epoch, "iteration": self.iteration, "epoch_sums": dict(self.epoch_sums),
+                "log_window": dict(self._window),
                 "rng": ckp.rng_state(), "best": [dict(b) for b in self.best], "keep_top_k": self.keep_top_k,
                 "val": val, "interrupted": interrupted}
 
@@ -244,6 +244,7 @@ class Trainer:
         self.learner.load_state_dict(ckpt["learner"])
         self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
         self.epoch_sums = dict(ckpt["epoch_sums"])
+        self._window = dict(ckpt.get("log_window", {"loss": 0.0, "accuracy": 0.0, "steps": 0}))
         self.best = [dict(b) for b in ckpt["best"]]
         ckp.set_rng_state(ckpt["rng"])
 
@@ -352,7 +353,6 @@ class Trainer:
         pin = self.learner.graph is not None  # graph mode copies each batch into its buffers asynchronously
         batches = iter(self.train_set.loader(start=self.iteration, num_workers=self.data.num_workers,
                                              pin_memory=pin))
-        self._window = {"loss": 0.0, "accuracy": 0.0, "steps": 0}
         self._pending: list = []  # per-step device metrics not read yet (NOTE [Step metrics])
         while self.epoch < E:
             epoch = self.epoch
@@ -421,8 +421,8 @@ class Trainer:
     #     A step's loss and accuracy stay on the device (``MAMLPlusPlus.train_step``); the loop
     #     keeps them and reads them in one transfer at log points, at the end of an epoch, before
     #     stopping, and at least every 100 steps. Then they are summed on the host one step at a
-    #     time, in order, so the epoch sums (and the logs) do not depend on when they were read:
-    #     a resumed run logs exactly what an uninterrupted one does.
+    #     time, in order, so the epoch sums and the "train" records' window (both checkpointed) do
+    #     not depend on when they were read: a resumed run logs what an uninterrupted one does.
     def _read_metrics(self, epoch: int, bar) -> None:
         if not self._pending:
             return
