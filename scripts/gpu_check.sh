@@ -42,6 +42,7 @@ skipped() { case " $SKIP " in *" $1 "*) status "$1" skip "SKIP=$SKIP"; return 0;
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
   "$PY" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+  "$PY" -c "import setuptools; print('setuptools', setuptools.__version__)" || true
   nvcc --version | tail -2
   echo "cores: $(nproc); omniglot root: ${MAMLPP_OMNIGLOT_ROOT:-<default>}"
 } > "$SUMMARY" 2>&1
@@ -54,8 +55,18 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST
 fi
 cd "$REPO"
-if timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -v . > "$OUTDIR/build.log" 2>&1; then
+build() { timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -v . > "$OUTDIR/build.log" 2>&1; }
+if build; then
   status build ok "arch $TORCH_CUDA_ARCH_LIST; $(grep -m1 'mamlpp_ext build\] building' "$OUTDIR/build.log" | cut -c1-100)"
+elif grep -qi "license" "$OUTDIR/build.log"; then
+  # pyproject's SPDX licence field needs setuptools >= 77; an older one (no network to upgrade)
+  # reads the table form. This copy of the tree only: rewrite the field and build again.
+  sed -i 's/^license = "MIT"$/license = { text = "MIT" }/; /^license-files = /d' pyproject.toml
+  if build; then
+    status build ok "arch $TORCH_CUDA_ARCH_LIST; licence field rewritten for setuptools < 77"
+  else
+    status build FAIL "see build.log"; tail -40 "$OUTDIR/build.log"; exit 1
+  fi
 else
   status build FAIL "see build.log"; tail -40 "$OUTDIR/build.log"; exit 1
 fi
