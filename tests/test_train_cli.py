@@ -335,6 +335,7 @@ def test_every_preset_builds():
     (["--dataset-root", "/no/such/folder"], "--dataset-root: /no/such/folder does not exist"),
     (["--config", "/no/such.yaml"], "--config: no such file"),
     (["--resume"], "--resume needs --run-dir"),
+    (["--graph", "on", "--device", "cpu"], "graph mode needs a CUDA device"),
 ])
 def test_bad_command_lines_name_the_argument(argv, needle, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
