@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--meta-step-dtype", default="float32", choices=["float32", "float64"],
                    help="dtype of the meta-parameters and images (default float32)")
     g.add_argument("--meta-step-conv-layouts", default="",
-                   help="comma-separated convolution layouts to time for the batched backends (grouped, per_task); "
+                   help="comma-separated convolution layouts to time for the batched backends (grouped, split); "
                         "default: the learner's own choice only")
     g.add_argument("--meta-step-repeats", type=int, default=None,
                    help="timed meta-steps per backend (default 3 with --quick, else 10)")

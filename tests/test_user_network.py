@@ -328,13 +328,13 @@ def test_negative_leaky_relu_after_batch_norm_runs_unfused(backend):
 
 
 @pytest.mark.parametrize("backend", ["batched", pytest.param("fused", marks=needs_ext)])
-def test_per_task_convolution_layout_equals_grouped(backend):
+def test_split_convolution_layout_equals_grouped(backend):
     module, cfg = make("grouped_mlp_head")
     learner = MAMLPlusPlus(cfg, backend=backend, dtype=DT, network=module)
     batch = random_batch(cfg)
     grouped = learner.meta_loss(*batch, epoch=0)[0]
     g_grouped = torch.autograd.grad(grouped, learner.parameters())
-    learner.net.conv_layout = "per_task"
+    learner.net.conv_layout = "split"
     per_task = learner.meta_loss(*batch, epoch=0)[0]
     torch.testing.assert_close(per_task, grouped, rtol=1e-10, atol=1e-12)
     for a, b in zip(torch.autograd.grad(per_task, learner.parameters()), g_grouped):

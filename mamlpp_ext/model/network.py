@@ -103,11 +103,11 @@ SUPPORTED_LAYERS = ("Conv2d", "BatchNorm2d", "BatchNorm1d", "ReLU", "LeakyReLU",
 
 # NOTE [Convolution layout]
 #     ``conv_layout = "grouped"`` runs a convolution of T tasks as one grouped convolution over
-#     the task-major channels; ``"per_task"`` runs T ordinary convolutions on the channel slices
+#     the task-major channels; ``"split"`` runs T ordinary convolutions on the channel slices
 #     and concatenates them. Same arithmetic. Measured on the CPU for the public Omniglot and
 #     mini-ImageNet settings, grouped was faster in every case (benchmarks/RESULTS.md, session of
 #     2026-11-29), so it is the default; set ``net.conv_layout`` to compare on another device.
-CONV_LAYOUTS = ("grouped", "per_task")
+CONV_LAYOUTS = ("grouped", "split")
 
 
 def _flatten_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
@@ -178,7 +178,7 @@ class SequentialNet(TaskNetwork):
 
     @property
     def conv_layout(self) -> str:
-        """How T tasks' convolutions run (NOTE [Convolution layout]): "grouped" or "per_task"."""
+        """How T tasks' convolutions run (NOTE [Convolution layout]): "grouped" or "split"."""
         return self._conv_layout
 
     @conv_layout.setter
@@ -283,7 +283,7 @@ class SequentialNet(TaskNetwork):
             b = weights[kb] if kb is not None else None
             if T == 1:
                 return F.conv2d(h, w[0], b[0] if b is not None else None, stride, padding, dilation, groups)
-            if self._conv_layout == "per_task":
+            if self._conv_layout == "split":
                 hs = h.chunk(T, dim=1)
                 return torch.cat([F.conv2d(hs[t], w[t], b[t] if b is not None else None, stride, padding, dilation,
                                            groups) for t in range(T)], dim=1)
