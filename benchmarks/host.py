@@ -76,7 +76,7 @@ def count_step(learner, batch) -> dict:
 
 def run(args) -> list[dict]:
     import mamlpp_ext
-    from mamlpp_ext.model import MAMLPlusPlus, from_preset
+    from mamlpp_ext.model import BACKENDS, MAMLPlusPlus, from_preset
 
     repeats = 5 if args.quick else 20
     rows = []
@@ -84,10 +84,10 @@ def run(args) -> list[dict]:
     torch.set_num_threads(1)
     try:
         for case, preset in CASES:
-            for backend in ("sequential", "batched", "fused"):
+            for backend in BACKENDS:
                 row = dict(section="host", case=case, backend=backend, ops=None, compute_ops=None, custom_ops=None,
                            py_calls=None, host_ms=None)
-                if backend == "fused" and not mamlpp_ext.has_extension():
+                if BACKENDS[backend].needs_extension and not mamlpp_ext.has_extension():
                     rows.append(row)
                     continue
                 cfg = from_preset(preset)

@@ -35,8 +35,10 @@ import timing  # noqa: E402
 
 CASES = ("omniglot-5way-1shot", "omniglot-20way-1shot", "mini-imagenet-5way-1shot")
 QUICK_CASES = ("omniglot-5way-1shot", "omniglot-20way-1shot")
-BACKENDS = ("sequential", "batched", "fused")
-GRAPH_BACKENDS = ("batched+graph", "fused+graph")
+from mamlpp_ext.model import BACKENDS as _TABLE  # noqa: E402
+
+BACKENDS = tuple(_TABLE)  # every backend of the table; graph mode for those that run tasks at once
+GRAPH_BACKENDS = tuple(f"{name}+graph" for name, impl in _TABLE.items() if not impl.per_task)
 COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("tasks", "T", "d"),
            ("median_s", "median s/step", ".4f"), ("iqr_s", "iqr s", ".4f"), ("runs", "runs", "d"),
            ("speedup_vs_sequential", "vs sequential", ".2f"), ("speedup_vs_batched", "vs batched", ".2f"),

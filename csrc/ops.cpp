@@ -41,7 +41,7 @@ TORCH_LIBRARY(mamlpp_ext, m) {
   // _lslr_scale: [alpha * lrs[k, step] * xs[k]]; the derivative of lslr_update w.r.t. grads.
   m.def("_lslr_scale(Tensor[] xs, Tensor lrs, int step, float alpha) -> Tensor[]");
   // _lslr_dot: a tensor shaped and typed like `like` (K, S), zero except column `step`, where
-  //   row k is alpha * sum(xs[k] * ys[k]) (accumulated in float64 on CPU, opmath on CUDA, in a
+  //   row k is alpha * sum(xs[k] * ys[k]) (accumulated in float64 on both devices, in a
   //   fixed order: deterministic). Only like's shape, dtype and device are read. The derivative
   //   of lslr_update w.r.t. lrs.
   m.def("_lslr_dot(Tensor[] xs, Tensor[] ys, Tensor like, int step, float alpha) -> Tensor");

@@ -1,5 +1,6 @@
 """What a user gets without options: augmentation per dataset on the training stream the CLI
-builds, ``--device auto``, the default backend table, and the default data folders with the
+builds, ``--device auto``, the trainer's use of the default backend table (the table itself:
+test_backends.py), and the default data folders with the
 errors that say what to do when the data is missing."""
 
 from __future__ import annotations
@@ -129,31 +130,12 @@ def test_train_prints_the_device(tmp_path, fake_root, capsys):
     assert f"mamlpp-train: device {expected} (--device auto: " in err and "backend batched" in err
 
 
-def test_default_backend_table(monkeypatch):
-    import mamlpp_ext
-
-    # every entry names a real backend, for each device type and dataset the presets use
-    assert set(TR.DEFAULT_BACKENDS.values()) <= {"sequential", "batched", "fused"}
-    assert {d for _, d in TR.DEFAULT_BACKENDS} == {"omniglot", "mini-imagenet"}
-    assert {t for t, _ in TR.DEFAULT_BACKENDS} == {"cpu", "cuda"}
-    for (dev, dataset), want in TR.DEFAULT_BACKENDS.items():
-        if dev == "cpu":
-            got = TR.default_backend("cpu", dataset)
-            assert got == (want if want != "fused" or mamlpp_ext.has_extension() else "batched")
-    # fused falls back to batched without the compiled kernels
-    from mamlpp_ext import ops
-
-    monkeypatch.setattr(ops, "has_extension", lambda: False)
-    monkeypatch.setitem(TR.DEFAULT_BACKENDS, ("cpu", "omniglot"), "fused")
-    assert TR.default_backend("cpu", "omniglot") == "batched"
-    monkeypatch.setitem(TR.DEFAULT_BACKENDS, ("cpu", "omniglot"), "sequential")
-    assert TR.default_backend("cpu", "omniglot") == "sequential"
-
-
 def test_trainer_uses_the_table(tmp_path, fake_root, monkeypatch):
     from mamlpp_ext.training.run_data import DataOptions
 
-    monkeypatch.setitem(TR.DEFAULT_BACKENDS, ("cpu", "omniglot"), "sequential")
+    from mamlpp_ext.model import backends
+
+    monkeypatch.setitem(backends.DEFAULT_BACKENDS, ("cpu", "omniglot"), "sequential")
     cfg = MAMLConfig(ways=3, shots=1, queries=1, meta_batch=2, num_stages=2, num_filters=4, inner_steps=1,
                      eval_inner_steps=1, total_epochs=1, iterations_per_epoch=1, eval_tasks=2)
     tr = TR.Trainer(cfg, tmp_path / "r", device="cpu", progress=False, tensorboard=False, handle_signals=False,

@@ -16,7 +16,9 @@ import torch.nn as nn
 
 import mamlpp_ext
 from mamlpp_ext.model import MAMLConfig, MAMLPlusPlus
+import mamlpp_ext.model.step as step_module
 from mamlpp_ext.model.graph import HostSyncError, check_capturable as _check
+from backend_cases import backend_params
 
 
 def check_capturable(config, backend, epochs=(0,), network=None):
@@ -25,7 +27,7 @@ def check_capturable(config, backend, epochs=(0,), network=None):
 
 HAS_EXT = mamlpp_ext.has_extension()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="compiled mamlpp_ext extension not built")
-GRAPH_BACKENDS = ["batched", pytest.param("fused", marks=needs_ext)]
+GRAPH_BACKENDS = backend_params(per_task=False)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -60,35 +62,60 @@ def test_captured_functions_with_a_user_network_and_adapted_bn_affine():
 
 @pytest.mark.parametrize("read", ["item", "tolist", "bool", "nonzero", "cpu"])
 def test_the_guard_catches_host_reads(monkeypatch, read):
-    real = MAMLPlusPlus._task_losses
+    real = step_module.task_losses
     reads = {"item": lambda t: t.sum().item(), "tolist": lambda t: t.tolist(), "bool": lambda t: bool(t.sum() > 0),
              "nonzero": lambda t: torch.nonzero(t), "cpu": lambda t: t.cpu()}
 
-    def sneaky(self, logits, y):
-        out = real(self, logits, y)
+    def sneaky(logits, y):
+        out = real(logits, y)
         reads[read](out)
         return out
 
-    monkeypatch.setattr(MAMLPlusPlus, "_task_losses", sneaky)
+    monkeypatch.setattr(step_module, "task_losses", sneaky)
     with pytest.raises(HostSyncError):
         check_capturable(tiny(), "batched")
 
 
 def test_the_guard_catches_host_to_device_copies(monkeypatch):
-    real = MAMLPlusPlus._task_losses
+    real = step_module.task_losses
 
-    def sneaky(self, logits, y):
-        return real(self, logits, y) * torch.ones(3, dtype=logits.dtype).to(logits.device)[0]
+    def sneaky(logits, y):
+        return real(logits, y) * torch.ones(3, dtype=logits.dtype).to(logits.device)[0]
 
-    monkeypatch.setattr(MAMLPlusPlus, "_task_losses", sneaky)
+    monkeypatch.setattr(step_module, "task_losses", sneaky)
     with pytest.raises(HostSyncError, match="host data to the device"):
         check_capturable(tiny(), "batched")
 
 
-def test_graph_mode_is_unavailable_on_cpu_and_auto_falls_back(capsys, monkeypatch):
-    import mamlpp_ext.model.meta_learner as ML
+def test_the_guard_catches_0d_host_to_device_copies(monkeypatch):
+    """A 0-d host tensor used by a device op is read on the host when a capture records the op:
+    every replay would reuse that value."""
+    real = step_module.task_losses
 
-    monkeypatch.setattr(ML, "_SAID", set())  # the line is printed once per reason and process
+    def sneaky(logits, y):
+        return real(logits, y) * torch.tensor(2.0, dtype=logits.dtype).to(logits.device)
+
+    monkeypatch.setattr(step_module, "task_losses", sneaky)
+    with pytest.raises(HostSyncError, match="host data to the device"):
+        check_capturable(tiny(), "batched")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_capturable_learning_rate_is_float32_whatever_the_learner_dtype(dtype):
+    """NOTE [Outer optimiser modes]: Adam's step counts are float32 tensors, and 1e-5 must not be
+    rounded in half precision."""
+    learner = MAMLPlusPlus(tiny(min_meta_lr=1e-5), backend="batched", dtype=dtype, graph="check")
+    learner.step.set_meta_lr(1e-5)
+    lr = learner.optimizer.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.dtype == torch.float32
+    assert lr.item() == torch.tensor(1e-5, dtype=torch.float32).item()
+    assert learner.state_dict()["optimizer"]["param_groups"][0]["lr"] == 1e-5
+
+
+def test_graph_mode_is_unavailable_on_cpu_and_auto_falls_back(capsys, monkeypatch):
+    import mamlpp_ext.model.backends as B
+
+    monkeypatch.setattr(B, "_REPORTED", set())  # the line is printed once per reason and process
     cfg = tiny()
     with pytest.raises(ValueError, match="needs a CUDA device"):
         MAMLPlusPlus(cfg, graph=True)
@@ -156,12 +183,23 @@ def _cuda_batches(cfg, n, seed=0):
     return out
 
 
+@pytest.fixture
+def deterministic_cudnn():
+    old = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = old
+
+
 @needs_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
-def test_cuda_graph_replay_equals_eager(backend):
+def test_cuda_graph_replay_equals_eager(backend, deterministic_cudnn):
     cfg = tiny(meta_batch=4, iterations_per_epoch=3)
-    eager = MAMLPlusPlus(cfg, backend=backend, device="cuda")
+    # The eager reference runs the same capturable Adam as graph mode ("check": eager steps with
+    # the capturable optimizer state): plain Adam computes its bias corrections in float64 on the
+    # host, the capturable one in float32 on the device, and that alone moves the last bits.
+    eager = MAMLPlusPlus(cfg, backend=backend, device="cuda", graph="check")
     graph = MAMLPlusPlus(cfg, backend=backend, device="cuda", graph=True)
     # epochs 0, 1 (MSL, first order), 2 (final step only), 3 (second order): 3 structures
     plan = [e for e in range(4) for _ in range(4)]
@@ -169,7 +207,20 @@ def test_cuda_graph_replay_equals_eager(backend):
         a = eager.train_step(*batch, epoch=epoch).clone()
         b = graph.train_step(*batch, epoch=epoch).clone()
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {i}: {m}")
-    for x, y in zip(graph.parameters() + graph.running_stats, eager.parameters() + eager.running_stats):
+    # A conv bias right in front of a batch norm does not change the network's output (the batch
+    # statistics subtract it again), so its meta-gradient is pure rounding noise (1.6e-8 to 5e-8
+    # measured on the CPU), yet above Adam's eps: Adam turns it into steps of about ±lr whose signs
+    # rounding decides, differently in two runs. Those biases, and the running means that add
+    # them up, may therefore differ by up to 2·lr per step between eager and replay; every other
+    # tensor must agree closely.
+    drift = 2 * cfg.meta_lr * len(plan)
+    names = [n for n, _ in graph.named_parameters()]
+    for name, x, y in zip(names, graph.parameters(), eager.parameters()):
+        pre_bn_bias = name.startswith("conv") and name.endswith(".bias")
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=drift if pre_bn_bias else 1e-5, msg=lambda m: f"{name}: {m}")
+    for x, y in zip(graph.running_mean, eager.running_mean):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=drift)
+    for x, y in zip(graph.running_var, eager.running_var):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
     # (MSL, first order), (final step, first order), (final step, second order): one capture each
     assert graph.graph.captures == 3

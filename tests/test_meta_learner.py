@@ -17,12 +17,13 @@ from mamlpp_ext.model.config import MAMLConfig, from_preset
 from mamlpp_ext.model.meta_learner import MAMLPlusPlus
 from mamlpp_ext.model.schedules import cosine_meta_lr, msl_weights
 from _nets import forward_task
+from backend_cases import backend_params
 
 DT = torch.float64
 HAS_EXT = mamlpp_ext.has_extension()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason="compiled mamlpp_ext extension not built")
-BACKENDS = ["sequential", "batched", pytest.param("fused", marks=needs_ext)]
-FAST_BACKENDS = ["batched", pytest.param("fused", marks=needs_ext)]
+BACKENDS = backend_params()
+FAST_BACKENDS = backend_params(per_task=False)
 
 SHAPES = {
     "omniglot": dict(image_channels=1, image_height=16, image_width=16, num_filters=6, ways=3, shots=2, queries=2),
@@ -308,7 +309,7 @@ def test_eval_steps_beyond_training_reuse_last_row():
         w = [(p - L.lslr[k, min(i, 1)].detach() * gk).detach() for k, (p, gk) in enumerate(zip(w, gr))]
     expect = forward_task(net, qx[0], w, rows(L.bn_weight, 3), rows(L.bn_bias, 3), rows(L.running_mean, 3),
                               rows(L.running_var, 3), "running")
-    for backend in ("sequential", "batched"):
+    for backend in backend_params(compiled=False):
         L.backend = backend
         close(L.evaluate(sx, sy, qx, qy)["logits"][0], expect)
 
@@ -337,7 +338,7 @@ def test_da_switches_order_at_configured_epoch(backend):
     assert max((a - b).abs().max().item() for a, b in zip(g_fo, g_so)) > 1e-6
 
 
-@pytest.mark.parametrize("backend", ["sequential", "batched"])
+@pytest.mark.parametrize("backend", backend_params(compiled=False))
 def test_ca_sets_meta_lr_per_epoch(backend):
     cfg = small_config(meta_lr=2e-3, min_meta_lr=1e-5, total_epochs=20)
     L = MAMLPlusPlus(cfg, backend=backend, dtype=DT)
@@ -352,7 +353,7 @@ def test_ca_sets_meta_lr_per_epoch(backend):
     assert off.meta_step(*batch, epoch=7)["meta_lr"] == 2e-3
 
 
-@pytest.mark.parametrize("backend", ["sequential", "batched"])
+@pytest.mark.parametrize("backend", backend_params(compiled=False))
 def test_lslr_learns_and_may_go_negative(backend):
     cfg = small_config(inner_lr=0.01, meta_lr=0.05, min_meta_lr=0.05)
     L = MAMLPlusPlus(cfg, backend=backend, dtype=DT)
@@ -509,7 +510,7 @@ def _bad(batch, idx, value):
     return b
 
 
-@pytest.mark.parametrize("backend", ["sequential", "batched"])
+@pytest.mark.parametrize("backend", backend_params(compiled=False))
 def test_rejects_bad_batches(backend):
     cfg = small_config()
     L = MAMLPlusPlus(cfg, backend=backend, dtype=DT)
@@ -563,7 +564,7 @@ DEVICE = "cuda"
 
 
 @needs_cuda
-@pytest.mark.parametrize("backend", ["sequential", "batched", pytest.param("fused", marks=needs_ext)])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("second_order", [True, False])
 @pytest.mark.parametrize("shape", ["omniglot", "mini-imagenet"])
 def test_cuda_backends_match_cpu_sequential(shape, second_order, backend):

@@ -138,6 +138,54 @@ def test_no_private_names_across_packages():
 
 def test_the_checker_sees_imports():
     """The checks above must not pass by seeing nothing."""
-    seen = {t for t, _, _ in _imports("mamlpp_ext.model.meta_learner")}
-    assert {"mamlpp_ext.ops", "mamlpp_ext.ops.reference", "mamlpp_ext.model.network"} <= seen
+    seen = {t for t, _, _ in _imports("mamlpp_ext.model.backends")}
+    assert {"mamlpp_ext.ops", "mamlpp_ext.ops.reference"} <= seen
+    assert "mamlpp_ext.model.network" in {t for t, _, _ in _imports("mamlpp_ext.model.meta_learner")}
     assert _layer("mamlpp_ext.training.trainer") == "training" and len(MODULES) > 25
+
+
+def _private_attributes(module: str) -> tuple[set[str], list[tuple[str, int]]]:
+    """(private names ``module`` defines — functions, classes, methods, attributes it assigns —,
+    (name, line) of every private attribute it reads as ``something._name``)."""
+    tree = ast.parse(MODULES[module].read_text())
+    defined, used = set(), []
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and private(node.name):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for sub in ast.walk(t):
+                    if isinstance(sub, ast.Attribute) and private(sub.attr):
+                        defined.add(sub.attr)
+                    elif isinstance(sub, ast.Name) and private(sub.id):
+                        defined.add(sub.id)
+        elif isinstance(node, ast.Attribute) and private(node.attr) and isinstance(node.ctx, ast.Load):
+            used.append((node.attr, node.lineno))
+    return defined, used
+
+
+def test_no_private_attributes_across_modules():
+    """A module reads no private attribute (``obj._name``) that another module of the package
+    defines: modules talk through public interfaces (e.g. graph mode uses the learner's public
+    ``step``). Private names of torch and other libraries are not checked here."""
+    info = {m: _private_attributes(m) for m in MODULES}
+    defined_by: dict[str, set[str]] = {}
+    for m, (defined, _) in info.items():
+        for name in defined:
+            defined_by.setdefault(name, set()).add(m)
+    bad = []
+    for m, (defined, used) in info.items():
+        for name, line in used:
+            if name not in defined and name in defined_by:
+                bad.append(f"{m}:{line} reads {name}, defined in {sorted(defined_by[name])}")
+    assert not bad, "private attributes used across modules:\n" + "\n".join(bad)
+
+
+def test_the_attribute_checker_sees_private_reads():
+    defined, used = _private_attributes("mamlpp_ext.model.graph")
+    assert "_learner" in defined and any(name == "_copy_in" for name, _ in used)

@@ -18,10 +18,11 @@ import mamlpp_ext
 from mamlpp_ext.model import MAMLConfig, MAMLPlusPlus
 from mamlpp_ext.model.network import SUPPORTED_LAYERS, SequentialNet, TaskNetwork, VGGNet
 from mamlpp_ext.model.schedules import epoch_plan
+from backend_cases import backend_params
 
 DT = torch.float64
 needs_ext = pytest.mark.skipif(not mamlpp_ext.has_extension(), reason="compiled mamlpp_ext extension not built")
-BACKENDS = ["sequential", "batched", pytest.param("fused", marks=needs_ext)]
+BACKENDS = backend_params()
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # conftest.py
@@ -327,7 +328,7 @@ def test_negative_leaky_relu_after_batch_norm_runs_unfused(backend):
     torch.testing.assert_close(learner.meta_loss(*batch, epoch=0)[0], expect, rtol=1e-9, atol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["batched", pytest.param("fused", marks=needs_ext)])
+@pytest.mark.parametrize("backend", backend_params(per_task=False))
 def test_split_convolution_layout_equals_grouped(backend):
     module, cfg = make("grouped_mlp_head")
     learner = MAMLPlusPlus(cfg, backend=backend, dtype=DT, network=module)

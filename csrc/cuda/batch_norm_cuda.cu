@@ -190,8 +190,8 @@ __global__ void bn_forward_apply_kernel(scalar_t* __restrict__ out,
                                         ApplyGeom geo) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < geo.numel;
        i += blockDim.x * gridDim.x) {
-    const uint32_t g = geo.group(i);
-    const opmath_t z = static_cast<opmath_t>(x[i]) * coeffs[2 * g] + coeffs[2 * g + 1];
+    const opmath_t* c = coeffs + 2 * static_cast<int64_t>(geo.group(i));  // 64-bit product
+    const opmath_t z = static_cast<opmath_t>(x[i]) * c[0] + c[1];
     out[i] = static_cast<scalar_t>(kLeaky ? bn_leaky(z, slope) : z);
   }
 }
@@ -303,8 +303,8 @@ __global__ void bn_backward_apply_kernel(scalar_t* __restrict__ dx,
     const opmath_t slope =
         kLeaky ? bn_leaky_slope(static_cast<opmath_t>(y[i]), negative_slope) : opmath_t(1);
     const opmath_t u = static_cast<opmath_t>(dy[i]) * slope;
-    dx[i] = static_cast<scalar_t>(coeffs[3 * g] * u + coeffs[3 * g + 1] * static_cast<opmath_t>(x[i]) +
-                                  coeffs[3 * g + 2]);
+    const opmath_t* c = coeffs + 3 * static_cast<int64_t>(g);  // 64-bit: 3 * g may pass 2^32
+    dx[i] = static_cast<scalar_t>(c[0] * u + c[1] * static_cast<opmath_t>(x[i]) + c[2]);
   }
 }
 
@@ -355,7 +355,7 @@ __global__ void bn_double_backward_apply_kernel(
     const opmath_t* __restrict__ coeffs, opmath_t negative_slope, ApplyGeom geo) {
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < geo.numel;
        i += blockDim.x * gridDim.x) {
-    const opmath_t* c = coeffs + kDbwCoeffs * geo.group(i);
+    const opmath_t* c = coeffs + kDbwCoeffs * static_cast<int64_t>(geo.group(i));  // 64-bit product
     const opmath_t slope =
         kLeaky ? bn_leaky_slope(static_cast<opmath_t>(y[i]), negative_slope) : opmath_t(1);
     const opmath_t u = static_cast<opmath_t>(dy[i]) * slope;
@@ -435,6 +435,15 @@ dim3 apply_grid(int64_t numel) {
                            static_cast<int64_t>(kApplyBlocksPerSm) * sm_count()))));
 }
 
+// The grid of the reduction kernels: one block row per group. gridDim.x holds at most 2^31 - 1
+// blocks; more groups than that pass check_index_range only when the input is empty (N = 0).
+dim3 reduce_grid(int64_t groups, int splits) {
+  TORCH_CHECK(groups <= static_cast<int64_t>(std::numeric_limits<int32_t>::max()),
+              "mamlpp_ext batch norm (CUDA): ", groups,
+              " (task, channel) groups exceed the grid limit of 2^31 - 1 blocks");
+  return dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits));
+}
+
 dim3 thread_grid(int64_t n) {
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, ceil_div(n, kBlockSize))));
 }
@@ -482,7 +491,7 @@ at::Tensor forward_impl(const BnArgs& args, at::Tensor* mean_out, at::Tensor* va
       at::Tensor partials;
       if (splits > 1) partials = at::empty({geo.groups, splits, 3}, coeffs.options());
       bn_stats_kernel<scalar_t, opmath_t>
-          <<<dim3(static_cast<unsigned>(geo.groups), splits), kBlockSize, 0, stream>>>(
+          <<<reduce_grid(geo.groups, splits), kBlockSize, 0, stream>>>(
               x.const_data_ptr<scalar_t>(), rg, affine, eps,
               splits > 1 ? partials.mutable_data_ptr<opmath_t>() : nullptr,
               mean_out->mutable_data_ptr<opmath_t>(), var_out->mutable_data_ptr<opmath_t>(),
@@ -596,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
                                                       x.const_data_ptr<scalar_t>(), py, nullptr,
                                                       slope};
     bn_sums_kernel<2, opmath_t>
-        <<<dim3(static_cast<unsigned>(geo.groups), splits), kBlockSize, 0, stream>>>(
+        <<<reduce_grid(geo.groups, splits), kBlockSize, 0, stream>>>(
             sop, stats, rg, partials.mutable_data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     bn_backward_finalize_kernel<scalar_t, opmath_t><<<thread_grid(a_len), kBlockSize, 0, stream>>>(
@@ -656,7 +665,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_cuda(
                                                       x.const_data_ptr<scalar_t>(), py, pgx,
                                                       slope};
     bn_sums_kernel<R, opmath_t>
-        <<<dim3(static_cast<unsigned>(geo.groups), splits), kBlockSize, 0, stream>>>(
+        <<<reduce_grid(geo.groups, splits), kBlockSize, 0, stream>>>(
             sop, stats, rg, partials.mutable_data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t a_len = grad_gamma.numel();

@@ -234,7 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     dataset = args.dataset.lower().replace("_", "-")
     if dataset in ("mini-imagenet", "miniimagenet"):
         parser.error("mini-ImageNet cannot be downloaded by mamlpp_ext: it is built from ImageNet with the "
-                     "split's CSV files. " + _mini._LAYOUT)
+                     "split's CSV files. " + _mini.LAYOUT_HELP)
     if dataset != "omniglot":
         parser.error(f"unknown dataset {args.dataset!r}; only 'omniglot' can be downloaded")
     if args.timeout <= 0:

@@ -32,7 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ENV_ROOT = "MAMLPP_MINIIMAGENET_ROOT"
 _EXTS = (".jpg", ".jpeg", ".png")
-_LAYOUT = ("Expected ROOT/train/, ROOT/val/ and ROOT/test/, each with one sub-folder of .jpg/.jpeg/.png "
+LAYOUT_HELP = ("Expected ROOT/train/, ROOT/val/ and ROOT/test/, each with one sub-folder of .jpg/.jpeg/.png "
            "images per class (e.g. the Ravi & Larochelle split, 64/16/20 classes of 600 images). "
            "mini-ImageNet cannot be downloaded by mamlpp_ext: build it from ImageNet with the split's "
            f"CSV files, then pass the folder with --dataset-root ROOT (Python: root=ROOT) or set {ENV_ROOT}=ROOT.")
@@ -52,11 +52,11 @@ def resolve_mini_imagenet_root(root: str | os.PathLike | None = None) -> Path:
         d = default_mini_imagenet_root()
         if not d.is_dir():
             raise DatasetNotFoundError(f"mini-ImageNet not found: no root was given, ${ENV_ROOT} is not set and the "
-                                       f"default folder {d} does not exist. {_LAYOUT}")
+                                       f"default folder {d} does not exist. {LAYOUT_HELP}")
         return d
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise DatasetNotFoundError(f"mini-ImageNet root {path} is not a folder. {_LAYOUT}")
+        raise DatasetNotFoundError(f"mini-ImageNet root {path} is not a folder. {LAYOUT_HELP}")
     return path
 
 
@@ -119,7 +119,7 @@ def _scan(root: Path, check_counts: bool) -> list[tuple[str, str, Path]]:
             problems.append(f"{d} holds {len(classes)} classes, expected {EXPECTED_CLASSES[s]}")
     if problems:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise DatasetNotFoundError(f"mini-ImageNet root {root} is missing or incomplete: {shown}. {_LAYOUT}")
+        raise DatasetNotFoundError(f"mini-ImageNet root {root} is missing or incomplete: {shown}. {LAYOUT_HELP}")
     return items
 
 

@@ -4,13 +4,20 @@
 * :mod:`~mamlpp_ext.model.schedules` — MSL weights, derivative-order annealing, cosine annealing;
 * :mod:`~mamlpp_ext.model.network` — the task-batched network interface, the VGG net of the
   paper and networks lifted from a user's ``nn.Sequential``;
-* :mod:`~mamlpp_ext.model.meta_learner` — ``MAMLPlusPlus``: the inner and outer loops, with a
-  table of backends (sequential / batched / fused).
+* :mod:`~mamlpp_ext.model.backends` — the table of backends (sequential / batched / fused) and
+  ``resolve_execution``, the one function that decides which backend and mode (eager or CUDA
+  graph) run;
+* :mod:`~mamlpp_ext.model.step` — the step: inner loop, meta-loss, outer update, behind the
+  interface every execution mode calls (NOTE [Step interface]);
+* :mod:`~mamlpp_ext.model.meta_learner` — ``MAMLPlusPlus``: the learner's state and public API;
+* :mod:`~mamlpp_ext.model.graph` — graph mode (the step captured as CUDA graphs).
 
 Imports only :mod:`mamlpp_ext.ops` from the rest of the package.
 """
 
+from .backends import BACKENDS, DEFAULT_BACKENDS, Execution, report_notes, resolve_execution
 from .config import MAMLConfig, from_preset, preset_names
-from .meta_learner import BACKENDS, MAMLPlusPlus
+from .meta_learner import MAMLPlusPlus
 
-__all__ = ["BACKENDS", "MAMLConfig", "MAMLPlusPlus", "from_preset", "preset_names"]
+__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "Execution", "MAMLConfig", "MAMLPlusPlus", "from_preset", "preset_names",
+           "report_notes", "resolve_execution"]

@@ -40,19 +40,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["GraphRunner", "HostSyncError", "HostSyncGuard", "check_capturable", "graph_support"]
-
-
-def graph_support(device: torch.device, backend) -> Optional[str]:
-    """None when graph mode can run for this device and backend, else why not (one line)."""
-    if device.type != "cuda":
-        return f"graph mode needs a CUDA device (CUDA graphs); this learner is on {device.type}"
-    if not torch.cuda.is_available():
-        return "graph mode needs CUDA, which is not available"
-    if backend.per_task:
-        return (f"backend {backend.name!r} runs the tasks one by one as the plain reference; graph mode captures "
-                "the batched and fused backends")
-    return None
+__all__ = ["GraphRunner", "HostSyncError", "HostSyncGuard", "check_capturable"]
 
 
 class GraphRunner:
@@ -131,14 +119,11 @@ class GraphRunner:
     def train_body(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan) -> Tensor:
         """One whole training step on device tensors (no cross-process mean): what a single graph
         captures. Returns [loss, accuracy, task accuracies] on the device."""
-        lrn = self.learner
-        metrics = lrn._forward_backward(sx, sy, qx, qy, plan)
-        lrn._clamp_and_step()
-        return metrics
+        return self.learner.step.train_body(sx, sy, qx, qy, plan)
 
     def eval_body(self, sx, sy, qx, qy, steps: int):
         """Adaptation and query scoring of an evaluation batch: (task losses or None, logits)."""
-        task_losses, logits, _ = self.learner._adapt_and_score(sx, sy, qx, qy, steps)
+        task_losses, logits, _ = self.learner.step.eval_body(sx, sy, qx, qy, steps)
         return (None if task_losses is None else task_losses.detach()), logits.detach()
 
     # ----------------------------------------------------------------- training
@@ -160,7 +145,7 @@ class GraphRunner:
             dev_batch = [t.to(lrn.device, non_blocking=True) for t in batch]
             self._wait_side()
             with torch.cuda.stream(self._side):
-                metrics = lrn._train_step(*dev_batch, plan)
+                metrics = lrn.step.train_step(*dev_batch, plan)
             self._join_side()
             return metrics
         if not self._train:
@@ -169,7 +154,7 @@ class GraphRunner:
         self._copy_in(g["static"], batch)
         g["graph"].replay()
         if "graph_b" in g:
-            lrn.cross_process_mean([p.grad for p in lrn._grads_for_mean()] + lrn.running_stats + [g["out"][:2]])
+            lrn.cross_process_mean([p.grad for p in lrn.step.gradients()] + lrn.running_stats + [g["out"][:2]])
             g["graph_b"].replay()
         return g["out"]
 
@@ -185,13 +170,13 @@ class GraphRunner:
             if lrn.cross_process_mean is None:
                 g["out"] = self.train_body(*static, plan)
             else:
-                g["out"] = lrn._forward_backward(*static, plan)
+                g["out"] = lrn.step.forward_backward(*static, plan)
         g["graph"] = graph
         if lrn.cross_process_mean is not None:
-            lrn._grads_for_mean()  # allocate any gradient the backward did not produce, outside the graph
+            lrn.step.gradients()  # allocate any gradient the backward did not produce, outside the graph
             graph_b = torch.cuda.CUDAGraph()
             with self._graph(graph_b, pool=graph.pool()):
-                lrn._clamp_and_step()
+                lrn.step.outer_update()
             g["graph_b"] = graph_b
         self._train = g
         self.captures += 1
@@ -274,9 +259,11 @@ class HostSyncGuard(TorchDispatchMode):
                 src_cpu, dst_cpu = src.device.type == "cpu", torch.device(dst_device).type == "cpu"
                 if dst_cpu and not src_cpu:
                     raise HostSyncError(f"{func} copies {src.device.type} data to the host")
-                if src_cpu and not dst_cpu and src.dim() > 0:
+                if src_cpu and not dst_cpu:
+                    # 0-d too: a 0-d host operand is read on the host when the op is recorded, so
+                    # a replay would reuse the value frozen at capture time
                     raise HostSyncError(f"{func} copies host data to the device inside the captured code "
-                                        f"(a capture records the address, not the values)")
+                                        f"(a capture records the value or address of the moment, not later ones)")
         return func(*args, **(kwargs or {}))
 
 
@@ -323,7 +310,7 @@ def check_capturable(learner, epochs=(0,), eval_steps: Optional[int] = None) -> 
     with _adam_capturable_on_meta(), Counting():
         for epoch in epochs:
             plan = epoch_plan(config, epoch)
-            learner._set_meta_lr(plan.meta_lr)
+            learner.step.set_meta_lr(plan.meta_lr)
             plan = plan._replace(loss_weights=runner.set_loss_weights(plan.loss_weights))
             runner.train_body(sx, sy, qx, qy, plan)
         runner.eval_body(sx, sy, qx, qy, eval_steps or config.eval_inner_steps)

@@ -7,15 +7,9 @@ DA, BNRS, BNWB and LSLR, each of which can be switched off (all off is plain MAM
 is the paper's VGG net, a user's ``nn.Sequential`` (lifted by ``network.SequentialNet``) or any
 ``network.TaskNetwork``.
 
-Backends (``BACKENDS``; same algorithm, same state, same results up to float rounding) differ
-in three things only: whether the tasks of a meta-batch run one at a time or all at once, which
-inner-loop update op runs, and which per-step batch-norm op runs:
-
-* ``"sequential"``: tasks one after another (each alone, T = 1), plain-PyTorch update and batch
-  norm — as the public MAML++ code runs; the semantic reference.
-* ``"batched"``: all T tasks at once (NOTE [Task-major layout] in network.py), plain PyTorch.
-* ``"fused"``: all T tasks at once, the compiled ``ops.lslr_update`` and ``ops.task_batch_norm``
-  (with the activation after a batch norm fused into it); needs the extension.
+What runs the step — the backend (``BACKENDS``: sequential, batched, fused) and the mode (eager or
+CUDA graph) — is decided by ``backends.resolve_execution``; what the step does is in step.py
+(NOTE [Step interface]): this module holds the learner's state and its public API.
 
 NOTE [Rows beyond S]
     With S training steps, the per-step tensors have S rows (or 1 when the component is off).
@@ -44,51 +38,22 @@ NOTE [Evaluation and running statistics]
 
 from __future__ import annotations
 
-import copy
 import importlib
-import sys
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
-from ..ops import reference
+from .backends import BACKENDS, Backend, report_notes, resolve_execution
 from .config import MAMLConfig, from_preset
-from .graph import GraphRunner, graph_support
+from .graph import GraphRunner
 from .network import SequentialNet, TaskNetwork, VGGNet
-from .schedules import EpochPlan, epoch_plan, meta_lr_at
+from .schedules import epoch_plan, meta_lr_at
+from .step import MetaStep, OuterOptimizer
 
 __all__ = ["BACKENDS", "Backend", "MAMLPlusPlus", "build_network"]
 
 _STATE_FORMAT = "mamlpp_ext.MAMLPlusPlus/1"
-_SAID: set = set()  # the graph-mode-off reasons already printed
-
-
-@dataclass(frozen=True)
-class Backend:
-    """How a backend runs the algorithm.
-
-    per_task: run the tasks of a meta-batch one at a time (T = 1 each) instead of all at once.
-    update: the inner-loop update, contract of ``ops.reference.lslr_update``.
-    batch_norm: the per-step batch norm, contract of ``ops.reference.task_batch_norm``.
-    needs_extension: the ops are the compiled ones.
-    """
-
-    name: str
-    per_task: bool
-    update: Callable
-    batch_norm: Callable
-    needs_extension: bool
-
-
-BACKENDS: dict[str, Backend] = {
-    "sequential": Backend("sequential", True, reference.lslr_update, reference.task_batch_norm, False),
-    "batched": Backend("batched", False, reference.lslr_update, reference.task_batch_norm, False),
-    "fused": Backend("fused", False, ops.lslr_update, ops.task_batch_norm, True),
-}
 
 
 def build_network(config: MAMLConfig, network=None) -> TaskNetwork:
@@ -126,7 +91,9 @@ class MAMLPlusPlus:
 
     Args:
         config: a ``MAMLConfig`` or a preset name (see ``config.preset_names()``).
-        backend: "sequential", "batched" or "fused" (``BACKENDS``).
+        backend: "sequential", "batched" or "fused" (``BACKENDS``), or None: the measured default
+            for the device and ``config.dataset`` (``backends.resolve_execution``, which also
+            decides ``graph``; ``execution`` records what it chose and why).
         device, dtype: where and in which floating type the meta-parameters live.
         network: None (the network ``config.network`` names: the VGG net by default), an
             ``nn.Sequential`` of standard layers (docs/networks.md) or a ``TaskNetwork``. Its
@@ -147,10 +114,14 @@ class MAMLPlusPlus:
     * ``running_mean`` / ``running_var``: per BN layer (S, C), or (1, C) without
       ``per_step_bn_statistics``; None for a layer that keeps no running statistics.
     * ``optimizer``: Adam over θ₀, BN γ/β and (if learnable) the LSLR rates; its learning rate
-      is set per epoch by CA.
+      is set per epoch by CA. ``outer`` wraps it (plain or capturable mode, NOTE [Outer optimiser
+      modes] in step.py).
+
+    The step itself — inner loop, meta-loss, outer update — is ``step`` (a ``step.MetaStep``,
+    NOTE [Step interface]); ``graph`` is the graph-mode runner or None.
     """
 
-    def __init__(self, config: MAMLConfig | str, backend: str = "batched",
+    def __init__(self, config: MAMLConfig | str, backend: Optional[str] = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
                  network=None, graph: bool | str = False) -> None:
         if isinstance(config, str):
@@ -162,10 +133,15 @@ class MAMLPlusPlus:
             config = config.replace(network="custom")  # recorded in state_dict(): rebuild with network=
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-        self.backend = backend
+        if not (graph is True or graph is False or (isinstance(graph, str) and graph in ("auto", "check"))):
+            raise ValueError(f"graph must be False, True or 'auto', got {graph!r}")
         self.config = config
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        # "check": eager steps with the capturable optimizer state, no runner (graph.check_capturable)
+        self.execution = resolve_execution(self.device, config.dataset, backend, False if graph == "check" else graph)
+        report_notes(self.execution.notes)
+        self.backend_impl: Backend = BACKENDS[self.execution.backend]
         self.net = build_network(config, network)
         self.bn_layers = list(self.net.bn_layers)
         if config.bn_eval_stats == "running" and not all(b.track_running_stats for b in self.bn_layers):
@@ -196,20 +172,11 @@ class MAMLPlusPlus:
         rows_lr = S if config.per_step_inner_lr else 1
         self.lslr = torch.full((len(self.fast_weight_names), rows_lr), float(config.inner_lr), dtype=dt, device=dev,
                                requires_grad=config.learnable_inner_lr)
-        if graph not in (False, True, "auto", "check"):
-            raise ValueError(f"graph must be False, True or 'auto', got {graph!r}")
-        why_not = graph_support(self.device, self.backend_impl) if graph in (True, "auto") else None
-        if why_not is not None and graph is True:
-            raise ValueError(why_not)
-        if why_not is not None and why_not not in _SAID:  # once per reason and process
-            _SAID.add(why_not)
-            print(f"mamlpp_ext: graph mode off: {why_not}", file=sys.stderr, flush=True)
-        # "check": the capturable optimizer state without a runner (graph.check_capturable)
-        self._capturable = graph == "check" or (bool(graph) and why_not is None)
-        self._meta_lr_value = meta_lr_at(config, 0)
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=self._meta_lr_value)
-        self._configure_optimizer()
-        self.graph: Optional[GraphRunner] = GraphRunner(self) if self._capturable and graph != "check" else None
+        capturable = graph == "check" or self.execution.graph
+        self.outer = OuterOptimizer(self.parameters(), meta_lr_at(config, 0), self.device, capturable)
+        self.optimizer: torch.optim.Adam = self.outer.optimizer
+        self.step = MetaStep(self)
+        self.graph: Optional[GraphRunner] = GraphRunner(self) if self.execution.graph else None
         self.last_epoch: Optional[int] = None
         self.meta_steps_done = 0
         # NOTE [Cross-process mean]: when set (training.distributed), meta_step calls it once per
@@ -226,19 +193,17 @@ class MAMLPlusPlus:
 
     @backend.setter
     def backend(self, name: str) -> None:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown backend {name!r}; expected one of {tuple(BACKENDS)}")
-        impl = BACKENDS[name]
-        graph = getattr(self, "graph", None)
-        if graph is not None and graph_support(self.device, impl) is not None:
-            raise ValueError(f"cannot switch a graph-mode learner to backend {name!r}: "
-                             f"{graph_support(self.device, impl)}")
-        if impl.needs_extension and not ops.has_extension():
-            raise RuntimeError(f"backend={name!r} needs the compiled mamlpp_ext kernels, but "
-                               f"{ops.EXTENSION_ERROR}; use backend='batched' or 'sequential'")
-        self.backend_impl = impl
-        if graph is not None:
-            graph.reset()  # the captured graphs run the old backend's ops
+        graph = self.graph is not None
+        try:
+            execution = resolve_execution(self.device, self.config.dataset, name, graph)
+        except ValueError as exc:
+            if not graph or name not in BACKENDS:
+                raise
+            raise ValueError(f"cannot switch a graph-mode learner to backend {name!r}: {exc}") from None
+        self.execution = execution
+        self.backend_impl = BACKENDS[name]
+        if graph:
+            self.graph.reset()  # the captured graphs run the old backend's ops
 
     def parameters(self) -> list[Tensor]:
         """Meta-learned tensors, in optimiser order: θ₀, then γ/β per affine BN layer, then LSLR (if learnable)."""
@@ -335,106 +300,6 @@ class MAMLPlusPlus:
             raise ValueError(f"{name} must be a positive int, got {steps!r}")
         return steps
 
-    # ------------------------------------------------------------ inner loop
-    def _batch_norm(self, num_tasks: int, step: int, training: bool, gammas: Sequence[Optional[Tensor]],
-                    betas: Sequence[Optional[Tensor]]):
-        """The network's ``bn(layer, h, negative_slope)`` for one forward at inner ``step``
-        (NOTE [Rows beyond S]): the backend's batch-norm op with the layer's γ/β (rows or
-        per-task fast weights), its (R_s, C) running statistics and row ``min(step, R_s − 1)``.
-        ``training``: batch statistics, updating the running statistics; False: evaluation
-        (NOTE [Evaluation and running statistics])."""
-        fn = self.backend_impl.batch_norm
-        layers, means, variances = self.bn_layers, self.running_mean, self.running_var
-        row = min(step, self.config.inner_steps - 1) if self.config.per_step_bn_statistics else 0
-        norm_with_batch = training or self.config.bn_eval_stats == "batch"
-
-        def bn(i: int, h: Tensor, negative_slope: Optional[float]) -> Tensor:
-            layer = layers[i]
-            return fn(h, num_tasks, gammas[i], betas[i], means[i], variances[i], step=row, training=norm_with_batch,
-                      update_stats=training, momentum=layer.momentum, eps=layer.eps, negative_slope=negative_slope)
-        return bn
-
-    def _task_losses(self, logits: Tensor, y: Tensor) -> Tensor:
-        """Mean cross-entropy per task: logits (T, B, N) / y (T, B) -> (T,)."""
-        n = logits.shape[-1]
-        ce = F.cross_entropy(logits.reshape(-1, n), y.reshape(-1), reduction="none")
-        return ce.view(y.shape).mean(-1)
-
-    def _inner_loop(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor], *, steps: int,
-                    create_graph: bool, weights: Sequence[float], score_every_step: bool, training: bool):
-        """Run ``steps`` inner updates on T tasks and score the query set.
-
-        sx (T, B, C, H, W), sy (T, B); qx, qy likewise or None. ``weights``: per-step query-loss
-        weights (length ``steps``); the query set is scored after every update when
-        ``score_every_step`` (MSL), else after the last one only. ``training``: the meta-parameters
-        are differentiated through and BN updates the running statistics; else the inner loop
-        starts from detached copies (evaluation). Returns (weighted query loss per task (T,) or
-        None, final query logits (T, Q, N) or None, fast weights (T, ...)).
-        """
-        cfg = self.config
-        backend = self.backend_impl
-        T = sx.shape[0]
-        K = len(self.theta)
-        adapt_affine = cfg.adapt_bn_affine
-        src = list(self.theta)
-        if adapt_affine:
-            for w, b in zip(self.bn_weight, self.bn_bias):
-                src += [w[0], b[0]]
-        bn_w, bn_b, lslr = self.bn_weight, self.bn_bias, self.lslr
-        if not training:
-            src = [t.detach().requires_grad_() for t in src]
-            bn_w = [None if t is None else t.detach() for t in bn_w]
-            bn_b = [None if t is None else t.detach() for t in bn_b]
-            lslr = lslr.detach()
-        fast = [t.unsqueeze(0).expand(T, *t.shape) for t in src]
-        n_lr, n_w = lslr.shape[1], cfg.inner_steps if cfg.per_step_bn_weights else 1
-        forward = self.net.forward
-
-        # The rows of the BN γ/β tables, split once: the backward then stacks each table's row
-        # gradients in one op instead of scattering every use into a zero table.
-        w_rows = [None if t is None else t.unbind(0) for t in bn_w]
-        b_rows = [None if t is None else t.unbind(0) for t in bn_b]
-
-        def run(x: Tensor, fast_w: list[Tensor], step: int) -> Tensor:
-            if adapt_affine:
-                gammas, betas = fast_w[K::2], fast_w[K + 1::2]
-            else:
-                r = min(step, n_w - 1)
-                gammas = [None if t is None else t[r] for t in w_rows]
-                betas = [None if t is None else t[r] for t in b_rows]
-            bn = self._batch_norm(T, step, training, gammas, betas)
-            return forward(x, fast_w[:K] if adapt_affine else fast_w, bn)
-
-        total = None
-        q_logits = None
-        for i in range(steps):
-            s_loss = self._task_losses(run(sx, fast, i), sy)
-            grads = torch.autograd.grad(s_loss.sum(), fast, create_graph=create_graph)
-            fast = backend.update(fast, grads, lslr, min(i, n_lr - 1))
-            if qx is not None and (score_every_step or i == steps - 1):
-                q_logits = run(qx, fast, i)
-                if qy is not None:
-                    term = weights[i] * self._task_losses(q_logits, qy)
-                    total = term if total is None else total + term
-        return total, q_logits, fast
-
-    def _per_backend(self, fn: Callable, *tensors: Optional[Tensor]) -> list:
-        """``fn(*tensors)`` on all tasks at once, or task by task (T = 1 slices) for a per-task
-        backend, with each output concatenated over tasks (None stays None)."""
-        if not self.backend_impl.per_task:
-            return list(fn(*tensors))
-        parts = [fn(*(None if t is None else t[i:i + 1] for t in tensors)) for i in range(tensors[0].shape[0])]
-        out = []
-        for j in range(len(parts[0])):
-            first = parts[0][j]
-            if first is None:
-                out.append(None)
-            elif isinstance(first, Tensor):
-                out.append(torch.cat([p[j] for p in parts]))
-            else:  # a list of tensors (fast weights)
-                out.append([torch.cat([p[j][k] for p in parts]) for k in range(len(first))])
-        return out
-
     # -------------------------------------------------------------- training
     def meta_loss(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                   epoch: int) -> tuple[Tensor, dict]:
@@ -448,22 +313,7 @@ class MAMLPlusPlus:
         """
         epoch = self._check_epoch(epoch)
         batch = self._check_inputs(support_x, support_y, query_x, query_y)
-        return self._meta_loss(*batch, epoch_plan(self.config, epoch))
-
-    def _meta_loss(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> tuple[Tensor, dict]:
-        """``meta_loss`` on validated inputs (already on the learner's device and dtype)."""
-        def task(sx, sy, qx, qy):
-            return self._inner_loop(sx, sy, qx, qy, steps=self.config.inner_steps, create_graph=plan.second_order,
-                                    weights=plan.loss_weights, score_every_step=plan.score_every_step,
-                                    training=True)[:2]
-
-        with torch.enable_grad():
-            task_losses, q_logits = self._per_backend(task, sx, sy, qx, qy)
-            loss = task_losses.mean()
-        acc = (q_logits.detach().argmax(-1) == qy).to(self.dtype).mean(-1)
-        info = dict(task_losses=task_losses.detach(), task_accuracies=acc, query_logits=q_logits.detach(),
-                    loss_weights=plan.loss_weights, second_order=plan.second_order)
-        return loss, info
+        return self.step.meta_loss(*batch, epoch_plan(self.config, epoch))
 
     def meta_step(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Tensor,
                   epoch: int) -> dict:
@@ -491,83 +341,15 @@ class MAMLPlusPlus:
         graph = self.graph is not None
         batch = self._check_inputs(support_x, support_y, query_x, query_y, move=not graph)
         plan = epoch_plan(self.config, epoch)
-        self._set_meta_lr(plan.meta_lr)
+        self.outer.set_lr(plan.meta_lr)
         self.last_epoch = epoch
-        out = self.graph.train_step(batch, plan) if graph else self._train_step(*batch, plan)
+        out = self.graph.train_step(batch, plan) if graph else self.step.train_step(*batch, plan)
         self.meta_steps_done += 1
         return out
-
-    def _train_step(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
-        """The device work of one eager meta-step on validated inputs: loss, backward,
-        cross-process mean, clamp, Adam. Returns a device tensor [loss, mean accuracy, T task accuracies]."""
-        metrics = self._forward_backward(sx, sy, qx, qy, plan)
-        if self.cross_process_mean is not None:
-            self.cross_process_mean([p.grad for p in self._grads_for_mean()] + self.running_stats + [metrics[:2]])
-        self._clamp_and_step()
-        return metrics
-
-    def _forward_backward(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
-        """Meta-loss and its backward into the meta-parameters' ``.grad``; returns [loss, mean
-        accuracy, T task accuracies] on the device."""
-        loss, info = self._meta_loss(sx, sy, qx, qy, plan)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        acc = info["task_accuracies"]
-        return torch.cat([loss.detach().reshape(1), acc.mean().reshape(1), acc])
-
-    def _grads_for_mean(self) -> list[Tensor]:
-        """The meta-parameters, each with a ``.grad`` (zeros where the backward produced none), so
-        that every process contributes the same layout to the cross-process mean."""
-        params = self.parameters()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        return params
-
-    def _clamp_and_step(self) -> None:
-        """The optional gradient clamp (network weights and BN γ/β, not the LSLR rates) and Adam."""
-        if self.config.grad_clamp is not None:
-            c = float(self.config.grad_clamp)
-            for p in self.theta + [t for t in self.bn_weight + self.bn_bias if t is not None]:
-                if p.grad is not None:
-                    p.grad.clamp_(-c, c)
-        self.optimizer.step()
-
-    def _set_meta_lr(self, lr: float) -> None:
-        """Adam's learning rate: a float in eager mode, a device tensor filled in place in graph mode."""
-        self._meta_lr_value = float(lr)
-        for group in self.optimizer.param_groups:
-            if isinstance(group["lr"], Tensor):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = float(lr)
-
-    def _configure_optimizer(self) -> None:
-        """Put Adam in this learner's mode: capturable with a device-tensor learning rate and
-        device step counts (graph mode), or plain with a float rate and CPU step counts. Also
-        used after loading a state from the other mode."""
-        cap = self._capturable
-        for group in self.optimizer.param_groups:
-            group["capturable"] = cap
-            group["lr"] = torch.tensor(self._meta_lr_value, dtype=self.dtype, device=self.device) if cap \
-                else self._meta_lr_value
-        for state in self.optimizer.state.values():
-            if "step" in state:
-                state["step"] = state["step"].to(device=self.device if cap else "cpu")
 
     # ------------------------------------------------------------ evaluation
     def _eval_steps(self, steps: Optional[int]) -> int:
         return self.config.eval_inner_steps if steps is None else self._check_steps(steps)
-
-    def _adapt_and_score(self, sx, sy, qx, qy, steps: int):
-        weights = [0.0] * (steps - 1) + [1.0]
-
-        def task(sx, sy, qx, qy):
-            return self._inner_loop(sx, sy, qx, qy, steps=steps, create_graph=False, weights=weights,
-                                    score_every_step=False, training=False)
-
-        with torch.enable_grad():
-            return self._per_backend(task, sx, sy, qx, qy)
 
     def evaluate(self, support_x: Tensor, support_y: Tensor, query_x: Tensor, query_y: Optional[Tensor] = None,
                  steps: Optional[int] = None) -> dict:
@@ -586,7 +368,7 @@ class MAMLPlusPlus:
         if self.graph is not None:
             task_losses, q_logits = self.graph.evaluate(sx, sy, qx, qy, steps)
         else:
-            task_losses, q_logits, _ = self._adapt_and_score(sx, sy, qx, qy, steps)
+            task_losses, q_logits, _ = self.step.eval_body(sx, sy, qx, qy, steps)
         out: dict = dict(logits=q_logits.detach())
         if qy is not None:
             acc = (out["logits"].argmax(-1) == qy).to(self.dtype).mean(-1)
@@ -603,7 +385,7 @@ class MAMLPlusPlus:
         """
         steps = self._eval_steps(steps)
         sx, sy = self._check_batch(support_x, support_y, "support_x", "support_y")
-        _, _, fast = self._adapt_and_score(sx, sy, None, None, steps)
+        _, _, fast = self.step.eval_body(sx, sy, None, None, steps)
         return {name: t.detach() for name, t in zip(self.fast_weight_names, fast)}
 
     def predict(self, x: Tensor, fast_weights: dict[str, Tensor], bn_step: Optional[int] = None) -> Tensor:
@@ -638,12 +420,12 @@ class MAMLPlusPlus:
 
         def task(x: Tensor, *fw: Tensor):
             if adapt_affine:  # per-task (T, C) γ/β from the fast weights
-                return (self.net.forward(x, fw[:K], self._batch_norm(x.shape[0], bn_step, False, fw[K::2],
+                return (self.net.forward(x, fw[:K], self.step.batch_norm(x.shape[0], bn_step, False, fw[K::2],
                                                                       fw[K + 1::2])),)
-            return (self.net.forward(x, fw, self._batch_norm(x.shape[0], bn_step, False, gammas, betas)),)
+            return (self.net.forward(x, fw, self.step.batch_norm(x.shape[0], bn_step, False, gammas, betas)),)
 
         with torch.no_grad():
-            return self._per_backend(task, x, *fw)[0]
+            return self.step.per_backend(task, x, *fw)[0]
 
     # ----------------------------------------------------------- persistence
     def _state_tensors(self) -> dict[str, list[Optional[Tensor]]]:
@@ -656,7 +438,7 @@ class MAMLPlusPlus:
         out = {k: [None if t is None else t.detach().clone() for t in v] for k, v in self._state_tensors().items()}
         out["lslr"] = out["lslr"][0]
         out.update(format=_STATE_FORMAT, config=self.config.to_dict(), backend=self.backend,
-                   optimizer=self._portable_optimizer_state(),
+                   optimizer=self.outer.portable_state(),
                    scheduler=dict(last_epoch=self.last_epoch), meta_steps_done=self.meta_steps_done)
         return out
 
@@ -685,36 +467,28 @@ class MAMLPlusPlus:
                 for a, b in zip(tensors, theirs):
                     if a is not None:
                         a.copy_(b)
-        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         self.last_epoch = state.get("scheduler", {}).get("last_epoch")
-        self._meta_lr_value = self.meta_lr(self.last_epoch if self.last_epoch is not None else 0)
-        self._configure_optimizer()  # the stored state may come from the other (eager/graph) mode
+        # the stored state may come from the other (plain/capturable) mode: NOTE [Outer optimiser modes]
+        self.outer.load_state(state["optimizer"], self.meta_lr(self.last_epoch if self.last_epoch is not None else 0))
         if self.graph is not None:
             self.graph.reset()  # the captured step read the optimizer state and lr tensors just replaced
         self.meta_steps_done = int(state.get("meta_steps_done", 0))
 
-    def _portable_optimizer_state(self) -> dict:
-        """Adam's state as an eager learner stores it (float learning rate, CPU step counts, not
-        capturable), whatever this learner's mode: checkpoints load in either mode."""
-        st = copy.deepcopy(self.optimizer.state_dict())
-        for group in st["param_groups"]:
-            group["lr"], group["capturable"] = self._meta_lr_value, False
-        for s in st["state"].values():
-            if "step" in s:
-                s["step"] = s["step"].detach().to("cpu")
-        return st
-
     @classmethod
     def from_state_dict(cls, state: dict, backend: Optional[str] = None, device=None,
                         dtype: Optional[torch.dtype] = None, network=None, graph: bool | str = False) -> "MAMLPlusPlus":
-        """A learner built from the config stored in ``state`` and loaded with it. ``network``,
-        ``graph``: as in the constructor (``network`` is needed when the learner was built with a
-        network object rather than one its config names)."""
+        """A learner built from the config stored in ``state`` and loaded with it. ``backend``:
+        as in the constructor; None runs the stored backend where it can run here, else the
+        default (with a note). ``network``, ``graph``: as in the constructor (``network`` is needed
+        when the learner was built with a network object rather than one its config names)."""
         if not isinstance(state, dict) or "config" not in state:
             raise ValueError("state is not a MAMLPlusPlus state_dict (no 'config')")
         dtype = dtype or state["theta"][0].dtype
-        learner = cls(MAMLConfig.from_dict(state["config"]), backend=backend or state.get("backend", "batched"),
-                      device=device, dtype=dtype, network=network, graph=graph)
+        config = MAMLConfig.from_dict(state["config"])
+        execution = resolve_execution(device if device is not None else "cpu", config.dataset, backend,
+                                      graph, stored_backend=state.get("backend"))
+        report_notes(execution.notes)
+        learner = cls(config, backend=execution.backend, device=device, dtype=dtype, network=network, graph=graph)
         learner.load_state_dict(state)
         return learner
 

@@ -18,14 +18,15 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
 
-from ..model import BACKENDS, MAMLPlusPlus
+from ..model import BACKENDS, MAMLPlusPlus, report_notes
 from . import checkpoints as ckp
 from . import distributed as D
 from .run_data import DataOptions, eval_dataset, load_pools
 from .scoring import score_batches, score_tasks, summarize_scores
 from .train import GRAPH_MODES, import_from_cwd
-from .trainer import check_device, describe_device
+from .trainer import check_device, describe_device, resolve_run_execution
 
 __all__ = ["resolve_members", "load_members", "evaluate_checkpoints", "one_shot_benchmark", "report_header",
            "main"]
@@ -62,16 +63,19 @@ def load_members(paths: Sequence[Path], backend: Optional[str] = None, device=No
                  graph: bool | str = False) -> tuple[list, list[dict]]:
     """``(learners, checkpoints)`` for the given files; the task shapes must agree. ``graph``:
     the learners' CUDA-graph mode (evaluation captured per batch shape)."""
-    if backend is not None and backend not in BACKENDS:
-        raise ValueError(f"--backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     ckpts = [ckp.load_checkpoint(p) for p in paths]
     ref = ckpts[0]["config"]
     for p, c in zip(paths[1:], ckpts[1:]):
         diff = [f for f in _SHAPE_FIELDS if c["config"][f] != ref[f]]
         if diff:
             raise ValueError(f"cannot ensemble {paths[0]} and {p}: they differ in {diff}")
-    learners = [MAMLPlusPlus.from_state_dict(c["learner"], backend=backend or c["backend"], device=device,
-                                             graph=graph) for c in ckpts]
+    dev = torch.device(device if device is not None else "cpu")
+    learners = []
+    for c in ckpts:
+        execution = resolve_run_execution(dev, c["config"]["dataset"], backend, graph, stored_backend=c["backend"])
+        report_notes(execution.notes)
+        learners.append(MAMLPlusPlus.from_state_dict(c["learner"], backend=execution.backend, device=device,
+                                                     graph=execution.graph))
     return learners, ckpts
 
 

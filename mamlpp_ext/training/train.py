@@ -166,13 +166,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        if args.backend is not None and args.backend not in BACKENDS:
-            raise ValueError(f"--backend: unknown backend {args.backend!r}; expected one of {', '.join(BACKENDS)}")
-        if args.backend == "fused":
-            from .. import ops
-
-            if not ops.has_extension():
-                raise ValueError(f"--backend fused needs the compiled extension: {ops.EXTENSION_ERROR}")
         for name in ("epochs", "iters_per_epoch", "eval_tasks", "eval_batch_size", "keep_top_k", "stop_at_iteration"):
             v = getattr(args, name)
             if v is not None and v < 1:

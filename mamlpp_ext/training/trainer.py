@@ -42,14 +42,14 @@ from typing import Optional
 
 import torch
 
-from ..model import BACKENDS, MAMLConfig, MAMLPlusPlus
+from ..model import Execution, MAMLConfig, MAMLPlusPlus, report_notes, resolve_execution
 from ..model.schedules import epoch_plan
 from . import checkpoints as ckp
 from .run_data import DataOptions, eval_dataset, load_pools, train_dataset
 from .scoring import score_tasks
 
-__all__ = ["CSV_FIELDS", "DEFAULT_BACKENDS", "SingleProcess", "Trainer", "TrainingInterrupted", "check_device",
-           "default_backend", "describe_device"]
+__all__ = ["CSV_FIELDS", "SingleProcess", "Trainer", "TrainingInterrupted", "check_device", "describe_device",
+           "resolve_run_execution"]
 
 CSV_FIELDS = ["epoch", "iteration", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_ci95",
               "meta_lr", "second_order", "epoch_seconds", "steps_per_second", "val_seconds"]
@@ -87,40 +87,18 @@ class TrainingInterrupted(Exception):
         self.checkpoint = checkpoint
 
 
-# NOTE [Default backend]
-#     The backend a run uses when none is named: the fastest measured meta-step on that device
-#     type for that dataset (benchmarks/RESULTS.md, sections "MAML++ meta-step per backend" (CPU,
-#     with its mini-ImageNet subsection) and "H100 run"; s/step, second order, public networks).
-#     Change an entry when new measurements say so. A missing pair falls back to
-#     _FALLBACK_BACKEND; "fused" falls back to "batched" where the compiled kernels for the device
-#     are not built.
-DEFAULT_BACKENDS = {
-    # CPU, idle 2-core machine, 2026-11-29 (RESULTS.md, "Session of 2026-11-29"): Omniglot 5-way
-    # 1-shot fused 0.487 < batched 0.703 < sequential 0.929 s/step; 20-way 1-shot fused 2.073 <
-    # batched 2.681 < sequential 2.842 (5 timed steps each, grouped convolutions).
-    ("cpu", "omniglot"): "fused",
-    # CPU, same run, mini-ImageNet 5-way 1-shot: fused 5.308 < sequential 7.175 < batched 8.402.
-    ("cpu", "mini-imagenet"): "fused",
-    # H100, Omniglot 20-way 1-shot: fused 0.0855 < batched 0.1080 < sequential 0.6234
-    # (5-way: batched 0.1006, fused 0.1065, sequential 0.5598 -- one run each, eager steps).
-    ("cuda", "omniglot"): "fused",
-    # H100, mini-ImageNet 5-way 1-shot: fused 0.1009 < batched 0.1197 < sequential 0.1622.
-    ("cuda", "mini-imagenet"): "fused",
-}
-_FALLBACK_BACKEND = "fused"
-
-
-def default_backend(device: str | torch.device | None = None, dataset: str = "omniglot") -> str:
-    """The backend a run uses when none is named (NOTE [Default backend]): the table's entry for
-    ``device``'s type and ``dataset``, with "fused" replaced by "batched" when the compiled
-    kernels for that device are not built."""
-    from .. import ops
-
-    dev_type = check_device(device).type if device is not None else "cpu"
-    backend = DEFAULT_BACKENDS.get((dev_type, dataset), _FALLBACK_BACKEND)
-    if backend == "fused" and (not ops.has_extension() or (dev_type == "cuda" and not ops.cuda_built())):
-        return "batched"
-    return backend
+def resolve_run_execution(device: torch.device, dataset: str, backend: Optional[str], graph: bool | str,
+                          stored_backend: Optional[str] = None) -> Execution:
+    """``model.resolve_execution`` for a run, with the command-line flag (``--backend`` or
+    ``--graph``) named in its errors."""
+    try:
+        resolve_execution(device, dataset, backend, False, stored_backend=stored_backend)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"--backend: {exc}") from None
+    try:
+        return resolve_execution(device, dataset, backend, graph, stored_backend=stored_backend)
+    except ValueError as exc:
+        raise ValueError(f"--graph: {exc}") from None
 
 
 class Trainer:
@@ -130,7 +108,8 @@ class Trainer:
         config: the run's ``MAMLConfig`` (ignored with ``resume``: the checkpoint's is used).
         run_dir: the run folder (created).
         backend, device: of the ``MAMLPlusPlus`` learner (device "auto": CUDA when available,
-            else CPU; default backend: ``default_backend(device, config.dataset)``).
+            else CPU; backend None: the checkpoint's when resuming, else the measured default for
+            the device and dataset — ``model.resolve_execution`` decides, with ``graph``).
         data: ``DataOptions`` (dataset root, split, eval seed, ...).
         pools: ready ``{"train", "val"}`` ``ClassPool`` s instead of loading ``config.dataset``.
         keep_top_k: epoch checkpoints kept by validation accuracy (default ``config.ensemble_top_k``).
@@ -166,7 +145,6 @@ class Trainer:
             ckpt = ckp.load_checkpoint(path)
             config = MAMLConfig.from_dict(ckpt["config"])
             data = DataOptions.from_dict(ckpt["data"]) if data is None else data
-            backend = backend or ckpt["backend"]
         elif self.latest_path.exists():
             raise FileExistsError(f"run folder {self.run_dir} already holds {self.latest_path}; pass --resume to "
                                   f"continue it or choose another --run-dir")
@@ -175,9 +153,9 @@ class Trainer:
         self.config = config
         self.data = data or DataOptions()
         self.device = check_device(device)
-        self.backend = backend or default_backend(self.device, config.dataset)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        self.execution = resolve_run_execution(self.device, config.dataset, backend, graph,
+                                               stored_backend=ckpt["backend"] if ckpt is not None else None)
+        self.backend = self.execution.backend
         self.keep_top_k = config.ensemble_top_k if keep_top_k is None else int(keep_top_k)
         if self.keep_top_k < 1:
             raise ValueError(f"keep_top_k must be >= 1, got {keep_top_k}")
@@ -192,7 +170,9 @@ class Trainer:
             raise ValueError(f"meta_batch={config.meta_batch} tasks cannot be split evenly across "
                              f"{self.strategy.world_size} processes; choose a meta_batch divisible by the number "
                              f"of processes")
-        self.learner = MAMLPlusPlus(config, backend=self.backend, device=self.device, graph=graph)
+        if self.strategy.is_main:
+            report_notes(self.execution.notes)
+        self.learner = MAMLPlusPlus(config, backend=self.backend, device=self.device, graph=self.execution.graph)
         self.pools = pools if pools is not None else load_pools(config, self.data)
         for name in ("train", "val"):
             if name not in self.pools:

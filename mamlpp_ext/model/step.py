@@ -1,0 +1,305 @@
+"""The MAML++ step: the inner loop, the meta-loss and the outer update of a learner.
+
+``MAMLPlusPlus`` (meta_learner.py) holds the state — θ₀, LSLR rates, BN γ/β and running
+statistics, the outer optimiser — and the public API; this module holds what a step *does* with
+that state, behind a small interface that every execution mode calls.
+
+NOTE [Step interface]
+    ``learner.step`` (a ``MetaStep``) is the one way into a learner's step. Eager mode (the
+    learner's own ``train_step``/``evaluate``), graph mode (graph.py) and any later mode use only
+    these methods, never the learner's private members:
+
+    * ``forward_backward(sx, sy, qx, qy, plan)`` — meta-loss and its backward into the
+      meta-parameters' ``.grad``; returns the step's device metrics [loss, accuracy, T task
+      accuracies]. Updates the running statistics (a training forward).
+    * ``gradients()`` — the meta-parameters, each with a ``.grad`` (zeros where the backward
+      produced none): the layout a cross-process mean averages.
+    * ``outer_update()`` — the optional gradient clamp and the Adam step.
+    * ``train_body(...)`` = ``forward_backward`` + ``outer_update``: a whole single-process step
+      (what one CUDA graph captures); ``train_step(...)`` adds the cross-process mean between
+      them (the eager step).
+    * ``eval_body(sx, sy, qx, qy, steps)`` — first-order adaptation and query scoring; changes
+      no state.
+    * ``set_meta_lr(lr)`` — Adam's learning rate for the coming steps (CA).
+
+    Inputs are validated device tensors in the learner's dtype (the learner validates); ``plan``
+    is the ``EpochPlan`` of the step's epoch (schedules.py), whose ``loss_weights`` may be a
+    device tensor (graph mode updates it between replays).
+
+NOTE [Outer optimiser modes]
+    Adam runs in one of two modes: *plain* (float learning rate, CPU step counts: torch's
+    default) or *capturable* (learning rate and step counts are device tensors, so a captured
+    step reads them on the device and CA changes the rate with a ``fill_`` between replays).
+    The capturable learning rate is float32 whatever the learner's dtype: torch keeps Adam's step
+    counts (and so its bias corrections) as float32 tensors and divides the rate by them, whose
+    fused CUDA path needs matching dtypes; and in half or bfloat16 a rate such as 1e-5 would be
+    rounded (subnormal in half). Checkpoints always store the plain form, so either mode loads
+    either.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .schedules import EpochPlan
+
+__all__ = ["MetaStep", "OuterOptimizer", "task_losses"]
+
+
+def task_losses(logits: Tensor, y: Tensor) -> Tensor:
+    """Mean cross-entropy per task: logits (T, B, N) / y (T, B) -> (T,)."""
+    n = logits.shape[-1]
+    ce = F.cross_entropy(logits.reshape(-1, n), y.reshape(-1), reduction="none")
+    return ce.view(y.shape).mean(-1)
+
+
+class OuterOptimizer:
+    """Adam over the meta-parameters, with CA's per-epoch rate (NOTE [Outer optimiser modes]).
+
+    Args:
+        params: the meta-parameters, in the learner's ``parameters()`` order.
+        lr: the initial learning rate.
+        device: where a capturable state lives.
+        capturable: the mode.
+    """
+
+    def __init__(self, params: list[Tensor], lr: float, device: torch.device, capturable: bool) -> None:
+        self.device = device
+        self.capturable = bool(capturable)
+        self.lr = float(lr)
+        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+        self.configure()
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the coming steps: a float in plain mode, the device tensor filled
+        in place in capturable mode (no host read; a captured step sees the new value)."""
+        self.lr = float(lr)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(self.lr)
+            else:
+                group["lr"] = self.lr
+
+    def configure(self) -> None:
+        """Put Adam's groups and state in this object's mode (after construction, and after a
+        state from the other mode was loaded)."""
+        cap = self.capturable
+        for group in self.optimizer.param_groups:
+            group["capturable"] = cap
+            # float32: NOTE [Outer optimiser modes]
+            group["lr"] = torch.tensor(self.lr, dtype=torch.float32, device=self.device) if cap else self.lr
+        for state in self.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].to(device=self.device if cap else "cpu")
+
+    def portable_state(self) -> dict:
+        """Adam's state as a plain-mode optimizer stores it (float rate, CPU step counts, not
+        capturable), whatever this object's mode."""
+        st = copy.deepcopy(self.optimizer.state_dict())
+        for group in st["param_groups"]:
+            group["lr"], group["capturable"] = self.lr, False
+        for s in st["state"].values():
+            if "step" in s:
+                s["step"] = s["step"].detach().to("cpu")
+        return st
+
+    def load_state(self, state: dict, lr: float) -> None:
+        """Load a ``portable_state()`` (or a state of either mode) and set the rate to ``lr``."""
+        self.optimizer.load_state_dict(copy.deepcopy(state))
+        self.lr = float(lr)
+        self.configure()
+
+
+class MetaStep:
+    """The step of a ``MAMLPlusPlus`` learner (NOTE [Step interface]). Holds the learner weakly
+    (the learner owns its step) and reads the learner's public state on every call, so a switched backend
+    or a loaded state is seen at once."""
+
+    def __init__(self, learner) -> None:
+        # a proxy, not a reference: no cycle keeps a deleted learner's (device) memory alive, and
+        # reading through it costs no Python call on the hot path
+        self.learner = weakref.proxy(learner)
+
+    # ------------------------------------------------------------------ the interface
+    def forward_backward(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
+        """Meta-loss and its backward into the meta-parameters' ``.grad``; returns [loss, mean
+        accuracy, T task accuracies] on the device."""
+        lrn = self.learner
+        loss, info = self.meta_loss(sx, sy, qx, qy, plan)
+        lrn.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        acc = info["task_accuracies"]
+        return torch.cat([loss.detach().reshape(1), acc.mean().reshape(1), acc])
+
+    def gradients(self) -> list[Tensor]:
+        """The meta-parameters, each with a ``.grad`` (zeros where the backward produced none),
+        so that every process contributes the same layout to a cross-process mean."""
+        params = self.learner.parameters()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return params
+
+    def outer_update(self) -> None:
+        """The optional gradient clamp (network weights and BN γ/β, not the LSLR rates) and Adam."""
+        lrn = self.learner
+        if lrn.config.grad_clamp is not None:
+            c = float(lrn.config.grad_clamp)
+            for p in lrn.theta + [t for t in lrn.bn_weight + lrn.bn_bias if t is not None]:
+                if p.grad is not None:
+                    p.grad.clamp_(-c, c)
+        lrn.optimizer.step()
+
+    def train_body(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
+        """A whole single-process step: ``forward_backward`` then ``outer_update``."""
+        metrics = self.forward_backward(sx, sy, qx, qy, plan)
+        self.outer_update()
+        return metrics
+
+    def train_step(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
+        """The eager step: ``forward_backward``, the cross-process mean when the learner has one
+        (NOTE [Cross-process mean] in meta_learner.py), ``outer_update``."""
+        lrn = self.learner
+        metrics = self.forward_backward(sx, sy, qx, qy, plan)
+        if lrn.cross_process_mean is not None:
+            lrn.cross_process_mean([p.grad for p in self.gradients()] + lrn.running_stats + [metrics[:2]])
+        self.outer_update()
+        return metrics
+
+    def eval_body(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor], steps: int):
+        """First-order adaptation of ``steps`` inner updates and query scoring (final step only),
+        BN per ``bn_eval_stats``. Returns (task losses (T,) or None, final query logits (T, Q, N)
+        or None, fast weights); changes no state."""
+        weights = [0.0] * (steps - 1) + [1.0]
+
+        def task(sx, sy, qx, qy):
+            return self.inner_loop(sx, sy, qx, qy, steps=steps, create_graph=False, weights=weights,
+                                   score_every_step=False, training=False)
+
+        with torch.enable_grad():
+            return self.per_backend(task, sx, sy, qx, qy)
+
+    def set_meta_lr(self, lr: float) -> None:
+        """Adam's learning rate for the coming steps (NOTE [Outer optimiser modes])."""
+        self.learner.outer.set_lr(lr)
+
+    # ------------------------------------------------------------------ the algorithm
+    def meta_loss(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> tuple[Tensor, dict]:
+        """The meta-batch loss with its graph to the meta-parameters, on validated inputs; info as
+        ``MAMLPlusPlus.meta_loss`` documents."""
+        lrn = self.learner
+
+        def task(sx, sy, qx, qy):
+            return self.inner_loop(sx, sy, qx, qy, steps=lrn.config.inner_steps, create_graph=plan.second_order,
+                                   weights=plan.loss_weights, score_every_step=plan.score_every_step,
+                                   training=True)[:2]
+
+        with torch.enable_grad():
+            losses, q_logits = self.per_backend(task, sx, sy, qx, qy)
+            loss = losses.mean()
+        acc = (q_logits.detach().argmax(-1) == qy).to(lrn.dtype).mean(-1)
+        info = dict(task_losses=losses.detach(), task_accuracies=acc, query_logits=q_logits.detach(),
+                    loss_weights=plan.loss_weights, second_order=plan.second_order)
+        return loss, info
+
+    def batch_norm(self, num_tasks: int, step: int, training: bool, gammas: Sequence[Optional[Tensor]],
+                   betas: Sequence[Optional[Tensor]]):
+        """The network's ``bn(layer, h, negative_slope)`` for one forward at inner ``step``
+        (NOTE [Rows beyond S] in meta_learner.py): the backend's batch-norm op with the layer's
+        γ/β (rows or per-task fast weights), its (R_s, C) running statistics and row
+        ``min(step, R_s − 1)``. ``training``: batch statistics, updating the running statistics;
+        False: evaluation (NOTE [Evaluation and running statistics] in meta_learner.py)."""
+        lrn = self.learner
+        cfg = lrn.config
+        fn = lrn.backend_impl.batch_norm
+        layers, means, variances = lrn.bn_layers, lrn.running_mean, lrn.running_var
+        row = min(step, cfg.inner_steps - 1) if cfg.per_step_bn_statistics else 0
+        norm_with_batch = training or cfg.bn_eval_stats == "batch"
+
+        def bn(i: int, h: Tensor, negative_slope: Optional[float]) -> Tensor:
+            layer = layers[i]
+            return fn(h, num_tasks, gammas[i], betas[i], means[i], variances[i], step=row, training=norm_with_batch,
+                      update_stats=training, momentum=layer.momentum, eps=layer.eps, negative_slope=negative_slope)
+        return bn
+
+    def inner_loop(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor], *, steps: int,
+                   create_graph: bool, weights: Sequence[float], score_every_step: bool, training: bool):
+        """Run ``steps`` inner updates on T tasks and score the query set.
+
+        sx (T, B, C, H, W), sy (T, B); qx, qy likewise or None. ``weights``: per-step query-loss
+        weights (length ``steps``); the query set is scored after every update when
+        ``score_every_step`` (MSL), else after the last one only. ``training``: the meta-parameters
+        are differentiated through and BN updates the running statistics; else the inner loop
+        starts from detached copies (evaluation). Returns (weighted query loss per task (T,) or
+        None, final query logits (T, Q, N) or None, fast weights (T, ...)).
+        """
+        lrn = self.learner
+        cfg = lrn.config
+        backend = lrn.backend_impl
+        T = sx.shape[0]
+        K = len(lrn.theta)
+        adapt_affine = cfg.adapt_bn_affine
+        src = list(lrn.theta)
+        if adapt_affine:
+            for w, b in zip(lrn.bn_weight, lrn.bn_bias):
+                src += [w[0], b[0]]
+        bn_w, bn_b, lslr = lrn.bn_weight, lrn.bn_bias, lrn.lslr
+        if not training:
+            src = [t.detach().requires_grad_() for t in src]
+            bn_w = [None if t is None else t.detach() for t in bn_w]
+            bn_b = [None if t is None else t.detach() for t in bn_b]
+            lslr = lslr.detach()
+        fast = [t.unsqueeze(0).expand(T, *t.shape) for t in src]
+        n_lr, n_w = lslr.shape[1], cfg.inner_steps if cfg.per_step_bn_weights else 1
+        forward = lrn.net.forward
+
+        # The rows of the BN γ/β tables, split once: the backward then stacks each table's row
+        # gradients in one op instead of scattering every use into a zero table.
+        w_rows = [None if t is None else t.unbind(0) for t in bn_w]
+        b_rows = [None if t is None else t.unbind(0) for t in bn_b]
+
+        def run(x: Tensor, fast_w: list[Tensor], step: int) -> Tensor:
+            if adapt_affine:
+                gammas, betas = fast_w[K::2], fast_w[K + 1::2]
+            else:
+                r = min(step, n_w - 1)
+                gammas = [None if t is None else t[r] for t in w_rows]
+                betas = [None if t is None else t[r] for t in b_rows]
+            bn = self.batch_norm(T, step, training, gammas, betas)
+            return forward(x, fast_w[:K] if adapt_affine else fast_w, bn)
+
+        total = None
+        q_logits = None
+        for i in range(steps):
+            s_loss = task_losses(run(sx, fast, i), sy)
+            grads = torch.autograd.grad(s_loss.sum(), fast, create_graph=create_graph)
+            fast = backend.update(fast, grads, lslr, min(i, n_lr - 1))
+            if qx is not None and (score_every_step or i == steps - 1):
+                q_logits = run(qx, fast, i)
+                if qy is not None:
+                    term = weights[i] * task_losses(q_logits, qy)
+                    total = term if total is None else total + term
+        return total, q_logits, fast
+
+    def per_backend(self, fn: Callable, *tensors: Optional[Tensor]) -> list:
+        """``fn(*tensors)`` on all tasks at once, or task by task (T = 1 slices) for a per-task
+        backend, with each output concatenated over tasks (None stays None)."""
+        if not self.learner.backend_impl.per_task:
+            return list(fn(*tensors))
+        parts = [fn(*(None if t is None else t[i:i + 1] for t in tensors)) for i in range(tensors[0].shape[0])]
+        out = []
+        for j in range(len(parts[0])):
+            first = parts[0][j]
+            if first is None:
+                out.append(None)
+            elif isinstance(first, Tensor):
+                out.append(torch.cat([p[j] for p in parts]))
+            else:  # a list of tensors (fast weights)
+                out.append([torch.cat([p[j][k] for p in parts]) for k in range(len(first))])
+        return out
