@@ -203,7 +203,7 @@ def test_state_dict_round_trip_with_a_user_network():
 
 def test_unsupported_layers_are_rejected_by_name():
     cases = [
-        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), "'1' (GELU)"),
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), "'1' (PReLU)"),
         (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(256, 3)),
          "padding_mode='reflect'"),
         (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Dropout(0.5), nn.Flatten(), nn.Linear(144, 3)), "Dropout(p=0.5)"),
@@ -216,7 +216,7 @@ def test_unsupported_layers_are_rejected_by_name():
             SequentialNet(module, (1, 8, 8))
         assert words in str(info.value)
     with pytest.raises(ValueError) as info:
-        SequentialNet(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU()), (1, 8, 8))
+        SequentialNet(nn.Sequential(nn.Conv2d(1, 4, 3), nn.PReLU()), (1, 8, 8))
     assert all(layer in str(info.value) for layer in SUPPORTED_LAYERS)
     with pytest.raises(TypeError, match="nn.Sequential"):
         SequentialNet(nn.Linear(3, 3), (1, 8, 8))
