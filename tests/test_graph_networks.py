@@ -193,6 +193,25 @@ def test_activation_fusion_follows_the_graph():
     assert [s for _, s in spy_slopes(resnet, (3, 16, 16))] == per_block * 4
 
 
+def test_a_lifted_network_deep_copies():
+    import copy
+
+    net = LiftedNet(ConcatNet().to(DT), (2, 8, 8))
+    x = torch.randn(3, 4, 2, 8, 8, dtype=DT)
+    w = [torch.randn(3, *s, dtype=DT) for s in net.weight_shapes]
+
+    def bn(i, h, slope):
+        return h if slope is None else F.leaky_relu(h, slope)
+
+    expect = net.forward(x, w, bn)
+    for other in (copy.deepcopy(net),):
+        assert other.code == net.code and other.weight_names == net.weight_names
+        torch.testing.assert_close(other.forward(x, w, bn), expect, rtol=0, atol=0)
+        other.conv_layout = "split"  # the copy's own generated forward follows its own setting
+        torch.testing.assert_close(other.forward(x, w, bn), expect, rtol=1e-12, atol=1e-12)
+        assert net.conv_layout == "grouped" and other._run is not net._run
+
+
 def test_resnet12_follows_the_published_shape():
     net = ResNet12Net.from_config(from_preset("mini-imagenet-5way-1shot-resnet12"))
     assert net.widths == (64, 160, 320, 640) and len(net.weight_names) == 18 and len(net.bn_layers) == 16

@@ -213,8 +213,10 @@ def _relu_slope(node: Node, m: Optional[nn.Module]) -> float:
     return 0.0
 
 
-def _leaky_slope(node: Node, m: Optional[nn.Module]) -> float:
-    return float(m.negative_slope) if m is not None else float(_arg(node, 1, "negative_slope", 0.01))
+def _leaky_slope(node: Node, m: Optional[nn.Module]):
+    """The slope of a LeakyReLU node (as written; a Node when it is computed from the input)."""
+    slope = m.negative_slope if m is not None else _arg(node, 1, "negative_slope", 0.01)
+    return float(slope) if isinstance(slope, (int, float)) else slope
 
 
 def _lift_leaky_relu(lx: "_Lifter", node: Node, m: Optional[nn.Module]) -> None:
@@ -630,7 +632,7 @@ class _Lifter:
         if rule is None or rule.slope is None:
             return None
         slope = rule.slope(user, module)
-        if slope < 0:  # the fused op needs slope >= 0: the activation runs as its own op
+        if not isinstance(slope, float) or slope < 0:  # the fused op needs slope >= 0: run the activation alone
             return None
         self.fused[user] = node
         return slope
@@ -822,9 +824,23 @@ class LiftedNet(TaskNetwork):
         self.num_classes = lifter.run()
         self.code = lifter.source()
         self._namespace = dict(lifter.namespace, conv=conv_grouped)
-        exec(compile(self.code, f"<lifted {type(module).__name__}>", "exec"), self._namespace)  # noqa: S102
-        self._run = self._namespace["lifted_forward"]
         self._conv_layout = "grouped"
+        self._compile()
+
+    def _compile(self) -> None:
+        """Compile ``code`` into ``_namespace`` (the functions and constants it calls, and ``conv``)."""
+        exec(compile(self.code, f"<lifted {type(self).__name__}>", "exec"), self._namespace)  # noqa: S102
+        self._run = self._namespace["lifted_forward"]
+
+    def __getstate__(self) -> dict:  # copy.deepcopy: the copy compiles its own generated function
+        state = dict(self.__dict__)
+        del state["_run"]
+        state["_namespace"] = {k: v for k, v in self._namespace.items() if k not in ("__builtins__", "lifted_forward")}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._compile()
 
     @property
     def conv_layout(self) -> str:
