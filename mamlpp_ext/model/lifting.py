@@ -256,7 +256,7 @@ def _lift_batch_norm(lx: "_Lifter", node: Node, m: nn.modules.batchnorm._BatchNo
 def _lift_pool(module_call: Callable[[nn.Module], tuple]):
     def lift(lx: "_Lifter", node: Node, m: Optional[nn.Module]) -> None:
         h = lx.tensor_arg(node, 0, need=SPATIAL, module=m)
-        if getattr(m, "return_indices", False) or _arg(node, 99, "return_indices", False):
+        if getattr(m, "return_indices", False) or node.kwargs.get("return_indices", False):
             raise lx.error(node, "has return_indices=True; not supported")
         if m is not None:
             fn, *consts = module_call(m)
@@ -460,7 +460,8 @@ def _user_frame(exc: BaseException) -> str:
     if not frames:
         return ""
     f = frames[-1]
-    return f" (at {f.filename}:{f.lineno}: {(f.line or '').strip()})"
+    line = (f.line or "").strip()
+    return f" (at {f.filename}:{f.lineno}{': ' + line if line else ''})"
 
 
 def _trace(module: nn.Module) -> torch.fx.Graph:
@@ -470,8 +471,8 @@ def _trace(module: nn.Module) -> torch.fx.Graph:
     except Exception as exc:  # noqa: BLE001  (tracing runs the user's code)
         where = _user_frame(exc)
         text = str(exc)
-        if isinstance(exc, torch.fx.proxy.TraceError) or "control flow" in text or "iterate" in text \
-                or "len" in text:
+        if isinstance(exc, torch.fx.proxy.TraceError) or any(
+                words in text for words in ("control flow", "cannot be iterated", "'len' is not supported")):
             raise ValueError(
                 f"network: the forward of {type(module).__name__} depends on the values or sizes of a tensor in "
                 f"Python control flow{where} ({type(exc).__name__}: {text}). A lifted network is one fixed graph "
