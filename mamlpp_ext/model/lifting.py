@@ -273,10 +273,10 @@ def _lift_reshape(lx: "_Lifter", node: Node, m: Optional[nn.Module]) -> None:
     h = lx.tensor_arg(node, 0)
     lx.size_args_only(node)
     src, out = tuple(h.meta.shape), tuple(lx.meta(node).shape)
-    if h.layout == SPATIAL and len(out) == 2 and out[0] == src[0]:
-        lx.emit(node, flatten, [h, TASKS], FLAT)
-    elif h.layout == FLAT and out == src:
+    if out == src:  # a reshape to the same shape (e.g. flattening features again)
         lx.alias(node, h)
+    elif h.layout == SPATIAL and len(out) == 2 and out[0] == src[0]:
+        lx.emit(node, flatten, [h, TASKS], FLAT)
     else:
         raise lx.error(node, f"reshapes {src} to {out}; only flattening images (B, C, H, W) to features "
                              f"(B, C·H·W) is supported")
