@@ -60,7 +60,8 @@ def served(tmp_path_factory):
     (py / "one-shot-classification").mkdir()
     (py / "one-shot-classification" / "all_runs.zip").write_bytes(_fake_all_runs())
     table = tuple(DL.RemoteFile(rf.name, rf.path, hashlib.md5((py / rf.path).read_bytes()).hexdigest(),
-                                size=(py / rf.path).stat().st_size if rf.size else None, what=rf.what)
+                                size=(py / rf.path).stat().st_size if rf.size else None, what=rf.what,
+                                optional=rf.optional)
                   for rf in DL.OMNIGLOT_FILES)
 
     class Handler(_Handler):
