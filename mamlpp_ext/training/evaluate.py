@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
+from .. import data as data_registry
 from ..model import BACKENDS, MAMLPlusPlus
 from . import checkpoints as ckp
 from . import distributed as D
@@ -188,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             data.cache_dir = args.cache_dir
         if args.eval_seed is not None:
             data.eval_seed = args.eval_seed
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, data_registry.DataError) as exc:
         parser.error(str(exc))
     report = report_header(paths, learners, ckpts, data, device)
     import torch.distributed as dist
@@ -216,7 +217,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             report["one_shot"] = os_res
             print(f"one-shot benchmark: accuracy {100 * os_res['accuracy']:.2f}% (error {100 * os_res['error']:.2f}%, "
                   f"{len(os_res['runs'])} runs)", flush=True)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, data_registry.DataError) as exc:
         parser.error(str(exc))
     report["seconds"] = round(time.perf_counter() - t0, 3)
     D.leave_process_group()
