@@ -120,7 +120,7 @@ class _Py2Pickler(pickle._Pickler):
         self.memoize(obj)
 
     def save_str(self, obj) -> None:
-        self.save_bytes(obj.encode("latin1"))
+        self.save(obj.encode("latin1"))  # through the memo: short byte strings are shared objects
 
     def save_py2_global(self, obj) -> None:
         self.write(pickle.GLOBAL + obj.module.encode() + b"\n" + obj.name.encode() + b"\n")
