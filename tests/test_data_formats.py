@@ -19,7 +19,7 @@ from PIL import Image
 
 from mamlpp_ext.data import (CorruptImageError, DataError, DataMismatchError, DatasetNotFoundError, load_dataset,
                              load_pools)
-from mamlpp_ext.data import cifar, tiered
+from mamlpp_ext.data import cifar
 from mamlpp_ext.data.synthetic import (CIFAR100_CLASSES, make_fake_cifar100, make_fake_cub, make_fake_image_folder,
                                        make_fake_tiered_imagenet)
 
@@ -84,8 +84,8 @@ def test_cifar_images_splits_and_shared_cache(cifar_root, tmp_path):
         assert set(pools[split].names) == {n for s in supers for n in CIFAR100_CLASSES[s]}
     # normalised with CIFAR-100's per-channel statistics
     x = pools["train"].to_float(fc.images[:1])
-    expect = (fc.images[0].astype(np.float64) / 255 - np.array(cifar.MEAN)[:, None, None]) / np.array(cifar.STD)[:, None,
-                                                                                                                 None]
+    mean, std = np.array(cifar.MEAN)[:, None, None], np.array(cifar.STD)[:, None, None]
+    expect = (fc.images[0].astype(np.float64) / 255 - mean) / std
     np.testing.assert_allclose(x[0].numpy(), expect, atol=1e-5)
 
 
@@ -159,7 +159,8 @@ def test_tiered_images_and_splits(tiered_root, tmp_path):
 @pytest.mark.parametrize("layout", ["subfolder", "tar"])
 def test_tiered_layouts_agree(tiered_root, tmp_path, layout):
     ref = _load("tiered-imagenet", tiered_root, tmp_path / "c")
-    other = _load("tiered-imagenet", make_fake_tiered_imagenet(tmp_path / layout, layout=layout, seed=5), tmp_path / "c")
+    root = make_fake_tiered_imagenet(tmp_path / layout, layout=layout, seed=5)
+    other = _load("tiered-imagenet", root, tmp_path / "c")
     assert other.class_names == ref.class_names
     np.testing.assert_array_equal(other.images, ref.images)
 
