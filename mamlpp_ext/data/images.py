@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -113,7 +114,7 @@ def decode_image(data, mode: str, size, resample: str, binary_direct: bool = Fal
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, zipfile.BadZipFile) or "CRC" in str(exc):
+    if isinstance(exc, (zipfile.BadZipFile, zlib.error)) or "CRC" in str(exc):
         return f"damaged archive member ({exc})"
     if type(exc).__name__ == "UnidentifiedImageError":
         return "not a readable image"
