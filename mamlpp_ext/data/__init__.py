@@ -26,14 +26,15 @@ from .miniimagenet import (IMAGENET_MEAN, IMAGENET_STD, MiniImageNetData, defaul
 from .omniglot import OmniglotData, default_omniglot_root, resolve_omniglot_root  # noqa: F401
 from .one_shot import OneShotRun, evaluate_one_shot, load_one_shot_runs  # noqa: F401
 from .paths import resolve_cache_dir, user_data_dir  # noqa: F401
-from .registry import DatasetSpec, dataset_names, get_dataset, register_dataset, registered_datasets  # noqa: F401
+from .registry import (DatasetSpec, dataset_names, get_dataset, register_dataset, registered_datasets,  # noqa: F401
+                       unregister_dataset)
 
 __all__ = [
     "ClassPool", "CorruptImageError", "DataError", "DataMismatchError", "DatasetNotFoundError", "DatasetSpec",
     "Episode", "EpisodeDataset", "EpisodeShard", "FileSource", "ImageDataset", "ImageStore", "Listing",
     "OmniglotData", "RemoteFile", "Source", "TaskSpec", "atomic_write", "check_tasks", "dataset_names",
     "default_omniglot_root", "get_dataset", "load_dataset", "load_omniglot", "load_pools", "omniglot_episodes",
-    "register_dataset", "registered_datasets", "resolve_cache_dir", "resolve_omniglot_root", "seeded_split",
+    "register_dataset", "registered_datasets", "unregister_dataset", "resolve_cache_dir", "resolve_omniglot_root", "seeded_split",
     "IMAGENET_MEAN", "IMAGENET_STD", "MiniImageNetData", "load_mini_imagenet", "resolve_mini_imagenet_root",
     "OneShotRun", "evaluate_one_shot", "load_one_shot_runs", "default_mini_imagenet_root", "user_data_dir",
 ]

@@ -22,7 +22,8 @@ from .dataset import ImageDataset, resolve_root
 from .errors import DataError, DataMismatchError
 from .paths import user_data_dir
 
-__all__ = ["DatasetSpec", "dataset_names", "get_dataset", "register_dataset", "registered_datasets"]
+__all__ = ["DatasetSpec", "dataset_names", "get_dataset", "register_dataset", "registered_datasets",
+           "unregister_dataset"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,11 @@ def register_dataset(spec: DatasetSpec, replace: bool = False) -> DatasetSpec:
         raise ValueError(f"a dataset named {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def unregister_dataset(name: str) -> None:
+    """Remove a dataset from the table (e.g. one a test registered)."""
+    _REGISTRY.pop(name, None)
 
 
 def get_dataset(name) -> DatasetSpec:
