@@ -34,7 +34,8 @@ __all__ = [
     "Episode", "EpisodeDataset", "EpisodeShard", "FileSource", "ImageDataset", "ImageStore", "Listing",
     "OmniglotData", "RemoteFile", "Source", "TaskSpec", "atomic_write", "check_tasks", "dataset_names",
     "default_omniglot_root", "get_dataset", "load_dataset", "load_omniglot", "load_pools", "omniglot_episodes",
-    "register_dataset", "registered_datasets", "unregister_dataset", "resolve_cache_dir", "resolve_omniglot_root", "seeded_split",
+    "register_dataset", "registered_datasets", "unregister_dataset", "resolve_cache_dir", "resolve_omniglot_root",
+    "seeded_split",
     "IMAGENET_MEAN", "IMAGENET_STD", "MiniImageNetData", "load_mini_imagenet", "resolve_mini_imagenet_root",
     "OneShotRun", "evaluate_one_shot", "load_one_shot_runs", "default_mini_imagenet_root", "user_data_dir",
 ]
