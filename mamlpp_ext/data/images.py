@@ -35,6 +35,7 @@ __all__ = ["Decoder", "ImageRef", "RESAMPLE_NAMES", "check_payloads", "decode_im
            "resample_filter"]
 
 RESAMPLE_NAMES = ("nearest", "box", "bilinear", "hamming", "bicubic", "lanczos")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
 _JPEG_END = b"\xff\xd9"
 _TAIL = 2048
@@ -58,6 +59,29 @@ class ImageRef:
 
     def __str__(self) -> str:  # the name used in error messages
         return self.path if self.member is None else f"{self.path}!{self.member}"
+
+
+_ZIPS: dict = {"pid": None, "open": {}}
+
+
+def _zip(path: str) -> zipfile.ZipFile:
+    """An open ZipFile for ``path``, kept for this process: opening one parses its whole central
+    directory (about a second for Omniglot's 20,000 members on a busy machine), so it is done
+    once per process, not once per chunk of images. A forked child never uses its parent's."""
+    if _ZIPS["pid"] != os.getpid():
+        _ZIPS["pid"], _ZIPS["open"] = os.getpid(), {}
+    zf = _ZIPS["open"].get(path)
+    if zf is None:
+        zf = _ZIPS["open"][path] = zipfile.ZipFile(path)
+    return zf
+
+
+def close_archives() -> None:
+    """Close the zip archives this process keeps open (after a pass over a dataset)."""
+    if _ZIPS["pid"] == os.getpid():
+        for zf in _ZIPS["open"].values():
+            zf.close()
+    _ZIPS["pid"], _ZIPS["open"] = os.getpid(), {}
 
 
 def _size_hw(size) -> tuple[int, int]:
@@ -127,15 +151,30 @@ def _reason(exc: BaseException) -> str:
 
 
 def _check_encoded(head, tail: bytes, full: Callable[[], object]) -> None:
-    """Parse the header from ``head`` (bytes or a file object) and look for the format's end
-    marker in ``tail``; decode in full (``full()``) when it is missing. Raises on a bad image."""
+    """Check an encoded image from its first bytes (``head``: bytes, or a binary file object at
+    its start) and its last ones (``tail``); decode it in full (``full()``) when its end marker
+    is missing. PNG and JPEG (nearly every dataset) are checked from their signature, header
+    and end marker alone; other formats by PIL's header parser. Raises on a bad image."""
+    start = head[:64] if isinstance(head, (bytes, bytearray)) else head.read(64)
+    if start[:8] == _PNG_SIGNATURE:
+        # IHDR: length 13, then width and height (big-endian, > 0)
+        if len(start) < 24 or start[12:16] != b"IHDR" or start[16:20] == bytes(4) or start[20:24] == bytes(4):
+            raise ValueError("not a readable image (a damaged PNG header)")
+        if _PNG_END not in tail[-64:]:
+            full()
+        return
+    if start[:3] == b"\xff\xd8\xff":
+        if _JPEG_END not in tail:
+            full()
+        return
     from PIL import Image
 
+    if not isinstance(head, (bytes, bytearray)):
+        head.seek(0)
     with Image.open(io.BytesIO(head) if isinstance(head, (bytes, bytearray)) else head) as im:
-        fmt = im.format
         if im.width < 1 or im.height < 1:
             raise ValueError("image of size 0")
-    if (fmt == "PNG" and _PNG_END not in tail[-64:]) or (fmt == "JPEG" and _JPEG_END not in tail) or not tail:
+    if not tail:
         full()
 
 
@@ -159,21 +198,15 @@ def _check_one(payload) -> None:
 def _check_chunk(args) -> list[tuple[int, str]]:
     indices, payloads = args
     bad = []
-    zips: dict[str, zipfile.ZipFile] = {}
-    try:
-        for i, p in zip(indices, payloads):
-            try:
-                if isinstance(p, ImageRef) and p.member is not None:
-                    zf = zips.get(p.path) or zips.setdefault(p.path, zipfile.ZipFile(p.path))
-                    data = zf.read(p.member)  # checks the CRC-32
-                    _check_encoded(data, data[-_TAIL:], lambda: decode_image(data, "RGB", 1, "nearest"))
-                else:
-                    _check_one(p)
-            except Exception as exc:  # noqa: BLE001 - reported with the file's name
-                bad.append((int(i), _reason(exc)))
-    finally:
-        for zf in zips.values():
-            zf.close()
+    for i, p in zip(indices, payloads):
+        try:
+            if isinstance(p, ImageRef) and p.member is not None:
+                data = _zip(p.path).read(p.member)  # checks the CRC-32
+                _check_encoded(data, data[-_TAIL:], lambda: decode_image(data, "RGB", 1, "nearest"))
+            else:
+                _check_one(p)
+        except Exception as exc:  # noqa: BLE001 - reported with the file's name
+            bad.append((int(i), _reason(exc)))
     return bad
 
 
@@ -187,24 +220,15 @@ def _decode_chunk(args) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
     channels = 3 if params["mode"] == "RGB" else 1
     out = np.zeros((len(payloads), channels, h, w), dtype=np.uint8)
     bad = []
-    zips: dict[str, zipfile.ZipFile] = {}
-    try:
-        for j, (i, p) in enumerate(zip(indices, payloads)):
-            try:
-                if isinstance(p, ImageRef):
-                    if p.member is None:
-                        data = p.path
-                    else:
-                        zf = zips.get(p.path) or zips.setdefault(p.path, zipfile.ZipFile(p.path))
-                        data = zf.read(p.member)
-                else:
-                    data = p
-                out[j] = decode_image(data, params["mode"], (h, w), params["resample"], params["binary_direct"])
-            except Exception as exc:  # noqa: BLE001 - reported with the file's name
-                bad.append((int(i), _reason(exc)))
-    finally:
-        for zf in zips.values():
-            zf.close()
+    for j, (i, p) in enumerate(zip(indices, payloads)):
+        try:
+            if isinstance(p, ImageRef):
+                data = p.path if p.member is None else _zip(p.path).read(p.member)
+            else:
+                data = p
+            out[j] = decode_image(data, params["mode"], (h, w), params["resample"], params["binary_direct"])
+        except Exception as exc:  # noqa: BLE001 - reported with the file's name
+            bad.append((int(i), _reason(exc)))
     return np.asarray(indices, dtype=np.int64), out, bad
 
 
@@ -288,6 +312,7 @@ def check_payloads(payloads: Sequence[tuple[int, object]], *, num_workers: int |
     try:
         _run(_check_chunk, jobs, min(default_workers(num_workers), len(jobs)), done)
     finally:
+        close_archives()
         bar.close()
     return sorted(bad)
 
@@ -337,6 +362,7 @@ class Decoder:
 
     def close(self) -> None:
         self._pool.close()
+        close_archives()
         self._bar.close()
 
     def __enter__(self) -> "Decoder":
