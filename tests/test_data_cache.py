@@ -202,3 +202,23 @@ def test_damaged_zip_is_named(tmp_path):
     (root / "images_background.zip").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match="images_background.zip.*damaged or truncated; download it again"):
         load_omniglot(root, cache_dir=tmp_path / "c", check_counts=False, progress=False)
+
+
+def test_unreadable_folder_is_one_data_error(tmp_path, monkeypatch):
+    """A folder or file the process cannot read (simulated: the tests may run as root) is a
+    DataError naming it, not a traceback."""
+    import os
+
+    from mamlpp_ext.data import omniglot as omniglot_mod
+
+    root = make_fake_omniglot(tmp_path / "og", layout="folder")
+    real = os.listdir
+
+    def listdir(p):
+        if "Ev_Alphabet_01" in str(p):
+            raise PermissionError(13, "Permission denied", str(p))
+        return real(p)
+
+    monkeypatch.setattr(omniglot_mod.os, "listdir", listdir)
+    with pytest.raises(DataError, match=r"cannot read .*Ev_Alphabet_01 \(Omniglot, .*\): Permission denied; check"):
+        load_omniglot(root, cache_dir=tmp_path / "c", check_counts=False, progress=False)

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from .cache import ImageCache, ImageStore, hash_json
 from .dataset import ImageDataset, Listing, check_tasks
-from .errors import CorruptImageError, format_list
+from .errors import CorruptImageError, DataError, format_list
 from .images import Decoder, default_workers, resample_filter
 from .miniimagenet import MiniImageNetData, resolve_mini_imagenet_root
 from .omniglot import OmniglotData, resolve_omniglot_root
@@ -67,7 +67,10 @@ def load_dataset(dataset: str | DatasetSpec, root: str | os.PathLike | None = No
     resample_filter(resample)  # reject an unknown filter name before any work
     root_path = spec.resolve_root(root)
     check_counts = spec.check_counts if check_counts is None else bool(check_counts)
-    source = spec.open(root_path, check_counts=check_counts)
+    try:
+        source = spec.open(root_path, check_counts=check_counts)
+    except OSError as exc:
+        raise _os_error(spec, root_path, exc) from None
     try:
         params = _params(spec, shape, resample, binary_resize)
         fingerprint = hash_json({"params": params, "source": source.fingerprint})
@@ -86,12 +89,22 @@ def load_dataset(dataset: str | DatasetSpec, root: str | os.PathLike | None = No
             meta, seconds = _build(spec, source, cache, fingerprint, shape, listing, params, root_path, num_workers,
                                    progress)
             built = True
+    except OSError as exc:  # e.g. a file or folder that cannot be read, met while listing or building
+        raise _os_error(spec, root_path, exc) from None
     finally:
         source.close()
     path = cache.images_path(meta)
     store = ImageStore(path=path, mmap=spec.mmap if mmap is None else mmap)
     store.array  # read (or map) it now: a later rebuild of the entry must not pull it away
     return spec.data_class(spec, root_path, store, meta, listing, path, built, seconds, **data_options)
+
+
+def _os_error(spec: DatasetSpec, root: Path, exc: OSError) -> DataError:
+    if isinstance(exc, DataError):
+        return exc
+    where = exc.filename or root
+    return DataError(f"cannot read {where} ({spec.title}, {root}): {exc.strerror or exc}; check that it exists and "
+                     f"is readable (permissions), or replace it")
 
 
 def _params(spec: DatasetSpec, shape: tuple, resample: str, binary_resize: bool) -> dict:
