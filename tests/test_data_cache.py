@@ -222,3 +222,16 @@ def test_unreadable_folder_is_one_data_error(tmp_path, monkeypatch):
     monkeypatch.setattr(omniglot_mod.os, "listdir", listdir)
     with pytest.raises(DataError, match=r"cannot read .*Ev_Alphabet_01 \(Omniglot, .*\): Permission denied; check"):
         load_omniglot(root, cache_dir=tmp_path / "c", check_counts=False, progress=False)
+
+
+def test_cache_folder_is_where_the_loader_builds(tmp_path):
+    """scripts/gpu_check.sh places a carried Omniglot cache with cache_folder()."""
+    from mamlpp_ext.data.loader import cache_folder
+
+    root = make_fake_omniglot(tmp_path / "og", layout="zip")
+    d = load_omniglot(root, cache_dir=tmp_path / "c", check_counts=False, progress=False, num_workers=0)
+    assert cache_folder("omniglot", root, cache_dir=tmp_path / "c") == d.cache_path.parent
+    copied = tmp_path / "c2" / d.cache_path.parent.name
+    shutil.copytree(d.cache_path.parent, copied)
+    again = load_omniglot(root, cache_dir=tmp_path / "c2", check_counts=False, progress=False)
+    assert not again.built, "a copied entry is used as it is"

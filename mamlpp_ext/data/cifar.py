@@ -71,6 +71,7 @@ class CifarSource(Source):
 
     cache_name = "cifar-100"
     fix = FIX
+    parallel = False  # the pixels are already decoded: no worker processes
 
     def __init__(self, root: Path, check_counts: bool):
         self.root = Path(root)
@@ -202,9 +203,6 @@ class CifarSource(Source):
                 for k in range(len(rows)):
                     decoder.add(pos + k, np.ascontiguousarray(chw[k].transpose(1, 2, 0)))
             pos += len(rows)
-
-    # the pixels are already decoded: no worker processes
-    parallel = False
 
     def file_name(self, index: int) -> str:
         pos = 0

@@ -221,7 +221,6 @@ def check_tasks(title: str, listing: Listing, split_ids: dict, ways: int, shots:
     image is decoded."""
     where = f" ({root})" if root is not None else ""
     need = shots + queries
-    names = listing.pool_names()
     for s in splits:
         ids = split_ids.get(s)
         n = 0 if ids is None else len(ids)
@@ -238,7 +237,7 @@ def check_tasks(title: str, listing: Listing, split_ids: dict, ways: int, shots:
                 f"{shots}-shot tasks with {queries} queries per class need {need} images per class, but in the "
                 f"{s!r} split of {title}{where} class{'es' if len(small) > 1 else ''} {', '.join(worst)}{more} "
                 f"{'have' if len(small) > 1 else 'has'} fewer; use fewer shots or queries (--set queries=...) or "
-                f"add images (class {names[ids[small[0]]]!r})")
+                f"add images")
 
 
 # --------------------------------------------------------------------------- the loaded dataset
