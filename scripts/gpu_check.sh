@@ -87,13 +87,12 @@ if [ -d "$REPO/gpu_data/omniglot_cache" ] && [ -n "${MAMLPP_OMNIGLOT_ROOT:-}" ];
   "$PY" - "$REPO/gpu_data/omniglot_cache" <<'EOF' >> "$SUMMARY" 2>&1 || true
 import os, shutil, sys
 from pathlib import Path
-from mamlpp_ext.data._common import entry_for
-entry = entry_for(Path(os.environ["MAMLPP_CACHE_DIR"]), "omniglot", Path(os.environ["MAMLPP_OMNIGLOT_ROOT"]),
-                  {"size": 28, "resample": "lanczos", "binary_resize": False})
-entry.folder.mkdir(parents=True, exist_ok=True)
+from mamlpp_ext.data.loader import cache_folder
+folder = cache_folder("omniglot", os.environ["MAMLPP_OMNIGLOT_ROOT"], cache_dir=os.environ["MAMLPP_CACHE_DIR"])
+folder.mkdir(parents=True, exist_ok=True)
 for f in Path(sys.argv[1]).iterdir():
-    shutil.copy(f, entry.folder / f.name)
-print("omniglot cache placed in", entry.folder)
+    shutil.copy(f, folder / f.name)
+print("omniglot cache placed in", folder)
 EOF
 fi
 

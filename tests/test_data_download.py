@@ -10,6 +10,7 @@ official one-shot archive against the real file when it is present.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -22,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from mamlpp_ext.data import download as DL
-from mamlpp_ext.data import load_omniglot, load_one_shot_runs
+from mamlpp_ext.data import get_dataset, load_omniglot, load_one_shot_runs, register_dataset
 from mamlpp_ext.data.synthetic import make_fake_omniglot
 
 
@@ -59,7 +60,8 @@ def served(tmp_path_factory):
     (py / "one-shot-classification").mkdir()
     (py / "one-shot-classification" / "all_runs.zip").write_bytes(_fake_all_runs())
     table = tuple(DL.RemoteFile(rf.name, rf.path, hashlib.md5((py / rf.path).read_bytes()).hexdigest(),
-                                size=(py / rf.path).stat().st_size if rf.size else None, what=rf.what)
+                                size=(py / rf.path).stat().st_size if rf.size else None, what=rf.what,
+                                optional=rf.optional)
                   for rf in DL.OMNIGLOT_FILES)
 
     class Handler(_Handler):
@@ -171,15 +173,30 @@ def test_http_and_network_errors(served, tmp_path):
     assert _leftovers(tmp_path / "o") == []
 
 
-def test_command_line(served, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def use_table():
+    """Point a dataset's registry entry at a table of generated files' checksums for one test."""
+    saved = []
+
+    def use(name, table):
+        spec = get_dataset(name)
+        saved.append(spec)
+        register_dataset(dataclasses.replace(spec, downloads=tuple(table)), replace=True)
+
+    yield use
+    for spec in reversed(saved):
+        register_dataset(spec, replace=True)
+
+
+def test_command_line(served, tmp_path, monkeypatch, capsys, use_table):
     base, table, py, _ = served
     dest = tmp_path / "cli"
     # the official checksums against the generated files: exit code 1, the reason on stderr
     assert DL.main(["download", "omniglot", "--root", str(dest), "--base-url", base + "/python",
                     "--no-progress"]) == 1
     assert "checksum mismatch" in capsys.readouterr().err
-    # with this table the same command succeeds and says what to do next
-    monkeypatch.setattr(DL, "OMNIGLOT_FILES", table)
+    # with this table in the registry entry the same command succeeds and says what to do next
+    use_table("omniglot", table)
     assert DL.main(["download", "omniglot", "--root", str(dest), "--base-url", base + "/python",
                     "--no-progress"]) == 0
     out = capsys.readouterr().out

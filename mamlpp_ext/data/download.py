@@ -1,22 +1,26 @@
-"""Getting the data, only when asked: ``mamlpp-data download omniglot`` and ``mamlpp-data where``.
+"""Getting the data, only when asked: ``mamlpp-data download NAME`` and ``mamlpp-data where``.
 
-Nothing in mamlpp_ext downloads at run time. This command fetches Omniglot's official archives
-from Lake's repository (https://github.com/brendenlake/omniglot, folder ``python/``) into an
-Omniglot root that the loader reads as it is:
+Nothing in mamlpp_ext downloads at run time. ``download`` fetches a dataset's public files, as
+its registry entry lists them (``DatasetSpec.downloads``), into the root the loader reads:
 
-    images_background.zip   30 alphabets, 964 characters (the "background" set)
-    images_evaluation.zip   20 alphabets, 659 characters (the "evaluation" set)
-    all_runs.zip            the original 20-way one-shot benchmark (20 runs)
+    omniglot     images_background.zip, images_evaluation.zip (and the one-shot benchmark's
+                 all_runs.zip) from Lake's repository https://github.com/brendenlake/omniglot
+    cifar-fs     cifar-100-python.tar.gz (CIFAR-100's python version) from
+    fc100        https://www.cs.toronto.edu/~kriz/ -- the same file for both
+    cub          CUB_200_2011.tgz from Caltech's data repository
 
 Each file streams into a temporary file beside its destination with a progress bar; the byte
 count is checked against the server's Content-Length (and the known size, where recorded) and
 the MD5 against the published checksum before the file is moved into place (``atomic_write``):
 an interrupted or corrupted transfer leaves no file behind. Files already present with the right
-checksum are not fetched again. The root is ``--root`` > ``$MAMLPP_OMNIGLOT_ROOT`` > the default
-folder, the same order the loader uses, so a plain ``mamlpp-data download omniglot`` puts the
-data where ``mamlpp-train`` looks for it.
+checksum are not fetched again. The root is ``--root`` > the dataset's environment variable >
+its default folder, the same order the loader uses, so a plain ``mamlpp-data download NAME``
+puts the data where ``mamlpp-train`` looks for it. Archives are read as they are: nothing needs
+extracting.
 
-mini-ImageNet has no official archive; ``mamlpp-data where`` prints the folder layout it reads.
+The datasets without a public download (mini-ImageNet, tieredImageNet, your own folders) are
+refused with the list of files to put where; ``mamlpp-data where`` prints every dataset's folder
+and the layout it reads.
 """
 
 from __future__ import annotations
@@ -29,42 +33,21 @@ import socket
 import sys
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from ._common import DataError, Progress, atomic_write, resolve_cache_dir
-from . import miniimagenet as _mini
-from . import omniglot as _omniglot
+from .cache import atomic_write
+from .dataset import RemoteFile
+from .errors import DataError
+from .omniglot import BASE_URL as OMNIGLOT_BASE_URL
+from .omniglot import FILES as OMNIGLOT_FILES
+from .paths import resolve_cache_dir
+from .progress import Progress
+from .registry import DatasetSpec, get_dataset, registered_datasets
 
-__all__ = ["DownloadError", "OMNIGLOT_BASE_URL", "OMNIGLOT_FILES", "RemoteFile", "download_omniglot", "fetch",
-           "file_md5", "main"]
+__all__ = ["DownloadError", "OMNIGLOT_BASE_URL", "OMNIGLOT_FILES", "RemoteFile", "download_dataset",
+           "download_omniglot", "fetch", "file_md5", "main"]
 
-OMNIGLOT_BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file to fetch: ``name`` in the root, ``path`` under the base URL, its MD5 and, when
-    known, its size in bytes; ``what`` says what it holds."""
-
-    name: str
-    path: str
-    md5: str
-    size: Optional[int] = None
-    what: str = ""
-
-
-# The MD5s of the two image archives are the ones torchvision checks for the same URLs; the
-# one-shot archive's MD5 and size were computed from a byte-for-byte copy of the file.
-OMNIGLOT_FILES = (
-    RemoteFile("images_background.zip", "images_background.zip", "68d2efa1b9178cc56df9314c21c6e718",
-               what="30 background alphabets, 964 characters"),
-    RemoteFile("images_evaluation.zip", "images_evaluation.zip", "6b91aef0f799c5bb55b94e3f2daec811",
-               what="20 evaluation alphabets, 659 characters"),
-    RemoteFile("all_runs.zip", "one-shot-classification/all_runs.zip", "e8996daecdf12afeeb4a53a179f06b19",
-               size=352787, what="the original 20-way one-shot benchmark"),
-)
 ONE_SHOT_FILE = "all_runs.zip"
 _CHUNK = 1 << 16
 
@@ -141,29 +124,35 @@ def fetch(url: str, dest: str | os.PathLike, *, md5: str, size: Optional[int] = 
     return received
 
 
-def default_download_root() -> Path:
-    """Where ``download omniglot`` writes without ``--root``: ``$MAMLPP_OMNIGLOT_ROOT`` when set,
-    else the default Omniglot folder (the loader looks in the same places, in the same order)."""
-    env = os.environ.get(_omniglot.ENV_ROOT)
-    return Path(env).expanduser() if env else _omniglot.default_omniglot_root()
+def default_download_root(dataset: str | DatasetSpec = "omniglot") -> Path:
+    """Where ``download NAME`` writes without ``--root``: the dataset's environment variable
+    when set, else its default folder (the loader looks in the same places, in the same order)."""
+    spec = get_dataset(dataset)
+    env = next((os.environ[v] for v in spec.env_vars if os.environ.get(v)), None)
+    return Path(env).expanduser() if env else spec.default_root()
 
 
-def download_omniglot(root: str | os.PathLike | None = None, *, one_shot: bool = True, force: bool = False,
-                      base_url: str = OMNIGLOT_BASE_URL, files: Sequence[RemoteFile] | None = None,
-                      timeout: float = 60.0, progress: bool = True,
-                      log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> list[dict]:
-    """Fetch Omniglot's archives into ``root`` (default: ``default_download_root()``).
+def download_dataset(dataset: str | DatasetSpec, root: str | os.PathLike | None = None, *, optional: bool = True,
+                     force: bool = False, base_url: Optional[str] = None, files: Sequence[RemoteFile] | None = None,
+                     timeout: float = 60.0, progress: bool = True,
+                     log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> list[dict]:
+    """Fetch a dataset's public files into ``root`` (default: ``default_download_root(dataset)``).
 
-    ``one_shot``: also ``all_runs.zip``; ``force``: fetch even files already present with the
-    right checksum; ``base_url``: where the files are (``OMNIGLOT_BASE_URL``, or a mirror with the
-    same paths); ``files``: the table of files (default ``OMNIGLOT_FILES``). Returns one dict per
-    file: ``name``, ``path``, ``status`` ("downloaded" or "present") and ``bytes``. Raises
-    :class:`DownloadError` at the first file that fails; the files fetched before it stay.
+    ``optional``: also the files marked optional (Omniglot's ``all_runs.zip``); ``force``: fetch
+    even files already present with the right checksum; ``base_url``: where the files are (the
+    entry's, or a mirror with the same paths); ``files``: the table of files (default: the
+    entry's ``downloads``). Returns one dict per file: ``name``, ``path``, ``status``
+    ("downloaded" or "present") and ``bytes``. Raises :class:`DownloadError` at the first file
+    that fails (the files fetched before it stay), or when the dataset has no public download.
     """
-    root = Path(root).expanduser() if root is not None else default_download_root()
-    files = OMNIGLOT_FILES if files is None else tuple(files)
-    if not one_shot:
-        files = tuple(f for f in files if f.name != ONE_SHOT_FILE)
+    spec = get_dataset(dataset)
+    files = tuple(spec.downloads if files is None else files)
+    if not files:
+        raise DownloadError(no_download_message(spec))
+    root = Path(root).expanduser() if root is not None else default_download_root(spec)
+    base_url = base_url or spec.base_url
+    if not optional:
+        files = tuple(f for f in files if not f.optional)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -184,43 +173,69 @@ def download_omniglot(root: str | os.PathLike | None = None, *, one_shot: bool =
     return out
 
 
+def download_omniglot(root: str | os.PathLike | None = None, *, one_shot: bool = True, force: bool = False,
+                      base_url: str = OMNIGLOT_BASE_URL, files: Sequence[RemoteFile] | None = None,
+                      timeout: float = 60.0, progress: bool = True,
+                      log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> list[dict]:
+    """Fetch Omniglot's archives into ``root`` (default: ``default_download_root("omniglot")``):
+    :func:`download_dataset` with ``one_shot`` (also ``all_runs.zip``) for ``optional`` and
+    ``OMNIGLOT_FILES`` as the default table."""
+    files = tuple(OMNIGLOT_FILES if files is None else files)
+    if not one_shot:
+        files = tuple(f for f in files if f.name != ONE_SHOT_FILE)
+    return download_dataset("omniglot", root, optional=one_shot, force=force, base_url=base_url, files=files,
+                            timeout=timeout, progress=progress, log=log)
+
+
+def no_download_message(spec: DatasetSpec) -> str:
+    """Why ``download`` refuses a dataset, and which files to put where instead."""
+    return (f"{spec.title} cannot be downloaded by mamlpp_ext (it has no public download it can fetch). "
+            f"{spec.get} Expected {spec.layout}, in {default_download_root(spec)} (its default folder) or in a folder "
+            f"you pass with --dataset-root DIR or name in {spec.env_var}.")
+
+
 # --------------------------------------------------------------------------- command line
 
 
 def make_parser() -> argparse.ArgumentParser:
+    names = [s.name for s in registered_datasets()]
+    fetchable = [s.name for s in registered_datasets() if s.downloads]
     p = argparse.ArgumentParser(prog="mamlpp-data", description="Get the datasets of mamlpp_ext, or see where they "
                                 "are looked for. Nothing else in mamlpp_ext downloads anything.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("download", help="download a dataset's official archives (Omniglot)",
-                       description="Download Omniglot's official archives (images_background.zip, "
-                                   "images_evaluation.zip, all_runs.zip) with checksum checks.")
-    d.add_argument("dataset", help="omniglot (mini-ImageNet cannot be downloaded: see `mamlpp-data where`)")
-    d.add_argument("--root", help="folder to write (default: $MAMLPP_OMNIGLOT_ROOT, else "
-                                  f"{_omniglot.default_omniglot_root()})")
-    d.add_argument("--no-one-shot", action="store_true", help="skip all_runs.zip (the one-shot benchmark)")
+    d = sub.add_parser("download", help=f"download a dataset's public files ({', '.join(fetchable)})",
+                       description="Download a dataset's public files with checksum checks, into the folder the "
+                                   "other commands read. " + "; ".join(
+                                       f"{s.name}: {', '.join(f.name for f in s.downloads)}"
+                                       for s in registered_datasets() if s.downloads) + ".")
+    others = ", ".join(n for n in names if n not in fetchable)
+    d.add_argument("dataset", help=f"one of {', '.join(fetchable)} (the others, {others}, cannot be downloaded: see "
+                                   "`mamlpp-data where`)")
+    d.add_argument("--root", help="folder to write (default: the dataset's environment variable, else its default "
+                                  f"folder under {registered_datasets()[0].default_root().parent})")
+    d.add_argument("--no-one-shot", action="store_true", help="omniglot: skip all_runs.zip (the one-shot benchmark)")
     d.add_argument("--force", action="store_true", help="download files even when present with the right checksum")
-    d.add_argument("--base-url", default=OMNIGLOT_BASE_URL,
-                   help=f"where the files are: the official {OMNIGLOT_BASE_URL} (default) or a mirror with the "
-                        f"same paths")
+    d.add_argument("--base-url", help="where the files are: a mirror with the same paths (default: the official "
+                                      "address, e.g. " + OMNIGLOT_BASE_URL + " for omniglot)")
     d.add_argument("--timeout", type=float, default=60.0, help="network timeout in seconds (default 60)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     sub.add_parser("where", help="print where the datasets and the cache are looked for",
-                   description="Print the Omniglot and mini-ImageNet folders the commands would read, and the "
-                               "preprocessing cache folder.")
+                   description="Print the folder each dataset is read from, whether it exists, the layout "
+                               "expected there, and the preprocessing cache folder.")
     return p
 
 
 def _where() -> int:
-    for name, env, default, layout in (
-            ("Omniglot", _omniglot.ENV_ROOT, _omniglot.default_omniglot_root(),
-             "images_background.zip + images_evaluation.zip (+ all_runs.zip), or their extracted folders, "
-             "or torchvision's omniglot-py/"),
-            ("mini-ImageNet", _mini.ENV_ROOT, _mini.default_mini_imagenet_root(),
-             "train/, val/, test/, each with one folder of images per class")):
-        value = os.environ.get(env)
-        path, how = (Path(value).expanduser(), f"${env}") if value else (default, f"default; ${env} is not set")
+    for spec in registered_datasets():
+        env = next((v for v in spec.env_vars if os.environ.get(v)), None)
+        if env:
+            path, how = Path(os.environ[env]).expanduser(), f"${env}"
+        else:
+            path, how = spec.default_root(), f"default; ${spec.env_var} is not set"
         state = "exists" if path.is_dir() else "does not exist"
-        print(f"{name}: {path} ({how}; {state})\n    expects: {layout}")
+        get = f"mamlpp-data download {spec.name}" if spec.downloads else "no public download (see docs/data.md)"
+        print(f"{spec.title}: {path} ({how}; {state})\n    name: {spec.name}; expects: {spec.layout}\n"
+              f"    get it: {get}")
     print(f"cache: {resolve_cache_dir()} ($MAMLPP_CACHE_DIR, else the user's cache folder)")
     print("A command's --dataset-root DIR overrides the dataset folder.")
     return 0
@@ -231,27 +246,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "where":
         return _where()
-    dataset = args.dataset.lower().replace("_", "-")
-    if dataset in ("mini-imagenet", "miniimagenet"):
-        parser.error("mini-ImageNet cannot be downloaded by mamlpp_ext: it is built from ImageNet with the "
-                     "split's CSV files. " + _mini.LAYOUT_HELP)
-    if dataset != "omniglot":
-        parser.error(f"unknown dataset {args.dataset!r}; only 'omniglot' can be downloaded")
+    name = args.dataset.lower().replace("_", "-")
+    name = {"miniimagenet": "mini-imagenet", "tieredimagenet": "tiered-imagenet", "cifarfs": "cifar-fs",
+            "cub-200-2011": "cub"}.get(name, name)
+    try:
+        spec = get_dataset(name)
+    except DataError:
+        fetchable = [s.name for s in registered_datasets() if s.downloads]
+        parser.error(f"unknown dataset {args.dataset!r}; the datasets that can be downloaded are "
+                     f"{', '.join(fetchable)}")
+    if not spec.downloads:
+        parser.error(no_download_message(spec))
     if args.timeout <= 0:
         parser.error(f"--timeout must be > 0, got {args.timeout}")
-    root = Path(args.root).expanduser() if args.root else default_download_root()
-    print(f"mamlpp-data: downloading Omniglot into {root}", file=sys.stderr, flush=True)
+    root = Path(args.root).expanduser() if args.root else default_download_root(spec)
+    print(f"mamlpp-data: downloading {spec.title} into {root}", file=sys.stderr, flush=True)
     try:
-        download_omniglot(root, one_shot=not args.no_one_shot, force=args.force, base_url=args.base_url,
-                          timeout=args.timeout, progress=not args.no_progress)
+        download_dataset(spec, root, optional=not args.no_one_shot, force=args.force, base_url=args.base_url,
+                         timeout=args.timeout, progress=not args.no_progress)
     except DownloadError as exc:
         print(f"mamlpp-data: error: {exc}", file=sys.stderr, flush=True)
         return 1
-    found_by_default = root.resolve() == default_download_root().resolve()
-    hint = "" if found_by_default else (f" Pass --dataset-root {root} to the commands, or set "
-                                        f"{_omniglot.ENV_ROOT}={root}.")
-    print(f"mamlpp-data: Omniglot is ready in {root}.{hint} Next: mamlpp-train --preset omniglot-5way-1shot",
-          flush=True)
+    found_by_default = root.resolve() == default_download_root(spec).resolve()
+    hint = "" if found_by_default else (f" Pass --dataset-root {root} to the commands, or set {spec.env_var}={root}.")
+    preset = f"{spec.name}-5way-1shot"
+    print(f"mamlpp-data: {spec.title} is ready in {root}.{hint} Next: mamlpp-train --preset {preset}", flush=True)
     return 0
 
 

@@ -32,7 +32,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from ._common import ImageStore
+from .cache import ImageStore
 
 
 class Episode(NamedTuple):

@@ -1,4 +1,4 @@
-"""mini-ImageNet from a user folder, preprocessed once into a cache.
+"""mini-ImageNet: an image folder with the usual split, read by :mod:`~mamlpp_ext.data.folders`.
 
 Layout::
 
@@ -16,26 +16,27 @@ resized to 84×84 (Lanczos by default), cached as uint8 (M, 3, 84, 84) and, on u
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
-from ._common import (DatasetNotFoundError, ImageRef, ImageStore, decode_images, entry_for, file_listing,
-                      hash_json, resample_filter, resolve_cache_dir, user_data_dir)
+from .dataset import SPLIT_NAMES, FileSource, ImageDataset, resolve_root
 from .episodes import ClassPool
+from .folders import open_folder
+from .paths import user_data_dir
 
-SPLITS = ("train", "val", "test")
+SPLITS = SPLIT_NAMES
 EXPECTED_CLASSES = {"train": 64, "val": 16, "test": 20}
 EXPECTED_IMAGES_PER_CLASS = 600
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TITLE = "mini-ImageNet"
 ENV_ROOT = "MAMLPP_MINIIMAGENET_ROOT"
-_EXTS = (".jpg", ".jpeg", ".png")
-LAYOUT_HELP = ("Expected ROOT/train/, ROOT/val/ and ROOT/test/, each with one sub-folder of .jpg/.jpeg/.png "
-           "images per class (e.g. the Ravi & Larochelle split, 64/16/20 classes of 600 images). "
-           "mini-ImageNet cannot be downloaded by mamlpp_ext: build it from ImageNet with the split's "
-           f"CSV files, then pass the folder with --dataset-root ROOT (Python: root=ROOT) or set {ENV_ROOT}=ROOT.")
+EXTENSIONS = (".jpg", ".jpeg", ".png")
+LAYOUT = ("ROOT/train/, ROOT/val/ and ROOT/test/, each with one sub-folder of .jpg/.jpeg/.png images per class "
+          "(e.g. the Ravi & Larochelle split, 64/16/20 classes of 600 images)")
+HOW_TO_GET = ("mini-ImageNet cannot be downloaded by mamlpp_ext: build it from ImageNet with the split's CSV files "
+              "(the image lists of Ravi & Larochelle's split) into that layout.")
 
 
 def default_mini_imagenet_root() -> Path:
@@ -46,39 +47,25 @@ def default_mini_imagenet_root() -> Path:
 
 def resolve_mini_imagenet_root(root: str | os.PathLike | None = None) -> Path:
     """The mini-ImageNet root: ``root`` > ``$MAMLPP_MINIIMAGENET_ROOT`` > ``default_mini_imagenet_root()``."""
-    if root is None and os.environ.get(ENV_ROOT):
-        root = os.environ[ENV_ROOT]
-    if root is None:
-        d = default_mini_imagenet_root()
-        if not d.is_dir():
-            raise DatasetNotFoundError(f"mini-ImageNet not found: no root was given, ${ENV_ROOT} is not set and the "
-                                       f"default folder {d} does not exist. {LAYOUT_HELP}")
-        return d
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise DatasetNotFoundError(f"mini-ImageNet root {path} is not a folder. {LAYOUT_HELP}")
-    return path
+    return resolve_root(TITLE, (ENV_ROOT,), default_mini_imagenet_root(), LAYOUT, HOW_TO_GET, root)
 
 
-class MiniImageNetData:
+def open_source(root: Path, check_counts: bool = False) -> FileSource:
+    """mini-ImageNet under ``root`` (resolved); ``check_counts`` requires 64/16/20 classes of 600 images."""
+    return open_folder(root, title=TITLE, cache_name="mini-imagenet", layout=LAYOUT, exts=EXTENSIONS,
+                       split_layout=True, expected_classes=EXPECTED_CLASSES, expected_images=EXPECTED_IMAGES_PER_CLASS,
+                       check_counts=check_counts)
+
+
+class MiniImageNetData(ImageDataset):
     """All mini-ImageNet images, preprocessed: ``images`` uint8 (M, 3, size, size).
 
-    Attributes: root, class_names ("<split>/<class>"), class_splits, starts, counts (int64),
-    files (relative paths), cache_path, built, build_seconds.
+    Attributes (besides :class:`ImageDataset`'s): class_names ("<split>/<class>"), class_splits.
     """
 
-    def __init__(self, root: Path, store: ImageStore, meta: dict, cache_path: Path, built: bool, seconds: float):
-        self.root, self.store, self.meta = root, store, meta
-        self.class_names: list[str] = meta["class_names"]
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
         self.class_splits: list[str] = [n.split("/")[0] for n in self.class_names]
-        self.counts = np.asarray(meta["class_counts"], dtype=np.int64)
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
-        self.files: list[str] = meta["files"]
-        self.cache_path, self.built, self.build_seconds = cache_path, built, seconds
-
-    @property
-    def images(self) -> np.ndarray:
-        return self.store.array
 
     def __repr__(self) -> str:
         n = {s: self.class_splits.count(s) for s in SPLITS}
@@ -90,77 +77,5 @@ class MiniImageNetData:
         out = {}
         for s in SPLITS:
             ids = np.array([i for i, cs in enumerate(self.class_splits) if cs == s], dtype=np.int64)
-            out[s] = ClassPool(self.store, self.starts[ids], self.counts[ids],
-                               [self.class_names[i].split("/", 1)[1] for i in ids],
-                               mean=IMAGENET_MEAN if normalize else None, std=IMAGENET_STD if normalize else None,
-                               name=s)
+            out[s] = self.pool(ids, name=s, normalize=normalize)
         return out
-
-
-def _scan(root: Path, check_counts: bool) -> list[tuple[str, str, Path]]:
-    """(split, class, path) of every image, sorted; validates the layout."""
-    items, problems = [], []
-    for s in SPLITS:
-        d = root / s
-        if not d.is_dir():
-            problems.append(f"{d} is missing")
-            continue
-        classes = sorted(c for c in os.listdir(d) if (d / c).is_dir())
-        if not classes:
-            problems.append(f"{d} has no class sub-folders")
-        for c in classes:
-            files = sorted(f for f in os.listdir(d / c) if f.lower().endswith(_EXTS))
-            if not files:
-                problems.append(f"{d / c} holds no images")
-            items.extend((s, c, d / c / f) for f in files)
-            if check_counts and len(files) != EXPECTED_IMAGES_PER_CLASS:
-                problems.append(f"{d / c} holds {len(files)} images, expected {EXPECTED_IMAGES_PER_CLASS}")
-        if check_counts and len(classes) != EXPECTED_CLASSES[s]:
-            problems.append(f"{d} holds {len(classes)} classes, expected {EXPECTED_CLASSES[s]}")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise DatasetNotFoundError(f"mini-ImageNet root {root} is missing or incomplete: {shown}. {LAYOUT_HELP}")
-    return items
-
-
-def load_mini_imagenet(root: str | os.PathLike | None = None, *, cache_dir: str | os.PathLike | None = None,
-                       size: int = 84, resample: str = "lanczos", check_counts: bool = False,
-                       num_workers: int | None = None, progress: bool = True, mmap: bool = True) -> MiniImageNetData:
-    """Find mini-ImageNet, preprocess it once (cached, keyed by every file's path, size and
-    mtime and by ``size``/``resample``) and return :class:`MiniImageNetData`.
-
-    ``check_counts`` requires 64/16/20 classes of 600 images. ``mmap`` (default) maps the cached
-    uint8 array (1.3 GB for the full set) instead of reading it. Raises
-    :class:`DatasetNotFoundError` for a missing or incomplete root and
-    :class:`CorruptImageError` naming an unreadable image.
-    """
-    root = resolve_mini_imagenet_root(root)
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size!r}")
-    resample_filter(resample)  # reject an unknown filter name before any work
-    items = _scan(root, check_counts)
-    params = {"size": size, "resample": resample}
-    fingerprint = hash_json({"params": params, "files": file_listing((p for _, _, p in items), root)})
-    cache = entry_for(resolve_cache_dir(cache_dir), "mini-imagenet", root, params)
-    meta = cache.load_meta(fingerprint)
-    built, seconds = False, 0.0
-    if meta is None:
-        names, counts = [], []
-        for s, c, _ in items:
-            if names and names[-1] == f"{s}/{c}":
-                counts[-1] += 1
-            else:
-                names.append(f"{s}/{c}")
-                counts.append(1)
-        t0 = time.perf_counter()
-        images = decode_images([ImageRef(str(p)) for _, _, p in items], mode="RGB", size=size, resample=resample,
-                               num_workers=num_workers, progress=progress,
-                               desc=f"mini-ImageNet: preprocessing {len(items)} images (once)")
-        seconds = time.perf_counter() - t0
-        meta = cache.store(fingerprint, images, {
-            "dataset": "mini-imagenet", "params": params, "class_names": names, "class_counts": counts,
-            "files": [p.relative_to(root).as_posix() for _, _, p in items], "build_seconds": round(seconds, 3)})
-        del images
-        built = True
-    path = cache.images_path(meta)
-    return MiniImageNetData(root, ImageStore(path=path, mmap=mmap), meta, path, built, seconds)

@@ -24,7 +24,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from ._common import CorruptImageError, DatasetNotFoundError, decode_image, resample_filter
+from .errors import CorruptImageError, DatasetNotFoundError
+from .images import decode_image, resample_filter
 from .episodes import Episode
 from .omniglot import resolve_omniglot_root
 

@@ -298,6 +298,34 @@ _BASES = {
 _BASES.update({f"mini-imagenet-5way-{k}shot-resnet12": {**_mini_imagenet(5, k), "network": "resnet12"}
                for k in (1, 5)})
 
+# The datasets beyond the paper (docs/data.md names each source). The data layer's registry
+# (mamlpp_ext.data.registry) holds the datasets themselves; a preset names one.
+
+
+def _conv4_32px(dataset: str, ways: int, shots: int) -> dict:
+    # MAML's 4-conv network on 32x32 CIFAR images (32 filters; 32 -> 16 -> 8 -> 4 -> 2) with
+    # Finn et al.'s mini-ImageNet settings: 15 queries per class, 4 tasks per meta-batch for
+    # 1-shot and 2 for 5-shot, inner lr 0.01, 5 inner steps, meta lr 1e-3 -- the MAML baseline
+    # Bertinetto et al. (CIFAR-FS) and Sun et al. (FC100) report. Conv-4 (network "conv4") is
+    # conv 3x3 -> BN -> ReLU -> max-pool 2x2, 32 filters per stage off Omniglot.
+    return dict(ways=ways, shots=shots, queries=15, meta_batch=4 if shots == 1 else 2, image_channels=3,
+                image_height=32, image_width=32, network="conv4", inner_steps=5,
+                eval_inner_steps=5, inner_lr=0.01, meta_lr=1e-3, min_meta_lr=1e-3, total_epochs=100,
+                iterations_per_epoch=500, msl_epochs=15, grad_clamp=10.0, dataset=dataset, augment=False)
+
+
+def _like_mini_imagenet(dataset: str, ways: int, shots: int) -> dict:
+    # 84x84 RGB: the MAML++ mini-ImageNet settings (VGG net, 48 filters), which ALFA's MAML
+    # baseline on tieredImageNet also uses; CUB and the user's own folders the same.
+    return {**_mini_imagenet(ways, shots), "dataset": dataset}
+
+
+for _k in (1, 5):
+    _BASES[f"cifar-fs-5way-{_k}shot"] = _conv4_32px("cifar-fs", 5, _k)
+    _BASES[f"fc100-5way-{_k}shot"] = _conv4_32px("fc100", 5, _k)
+    for _dataset in ("tiered-imagenet", "cub", "folder"):
+        _BASES[f"{_dataset}-5way-{_k}shot"] = _like_mini_imagenet(_dataset, 5, _k)
+
 _PRESETS: dict[str, dict] = {}
 for _name, _base in _BASES.items():
     _PRESETS[_name] = dict(_base)

@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .. import data as data_registry
 from ..model import BACKENDS, MAMLPlusPlus, report_notes
 from . import checkpoints as ckp
 from . import distributed as D
@@ -192,7 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             data.cache_dir = args.cache_dir
         if args.eval_seed is not None:
             data.eval_seed = args.eval_seed
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, data_registry.DataError) as exc:
         parser.error(str(exc))
     report = report_header(paths, learners, ckpts, data, device)
     import torch.distributed as dist
@@ -220,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             report["one_shot"] = os_res
             print(f"one-shot benchmark: accuracy {100 * os_res['accuracy']:.2f}% (error {100 * os_res['error']:.2f}%, "
                   f"{len(os_res['runs'])} runs)", flush=True)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, data_registry.DataError) as exc:
         parser.error(str(exc))
     report["seconds"] = round(time.perf_counter() - t0, 3)
     D.leave_process_group()

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .. import data as data_registry
 from ..model import from_preset
 from . import checkpoints as ckp
 from .evaluate import evaluate_checkpoints, load_members, report_header, resolve_members
@@ -69,11 +70,19 @@ def run_dir_name(preset: str, seed: int) -> str:
 
 
 def _pretty(preset: str) -> str:
-    m = re.fullmatch(r"(omniglot|mini-imagenet)-(\d+)way-(\d+)shot", preset)
-    if not m:
+    m = re.fullmatch(r"(.+)-(\d+)way-(\d+)shot", preset)
+    if not m or m.group(1) not in data_registry.dataset_names():
         return preset
-    name = {"omniglot": "Omniglot", "mini-imagenet": "mini-ImageNet"}[m.group(1)]
-    return f"{name} {m.group(2)}-way {m.group(3)}-shot"
+    return f"{data_registry.get_dataset(m.group(1)).title} {m.group(2)}-way {m.group(3)}-shot"
+
+
+def _root_option(dataset: str) -> str:
+    """The attribute of the ``--<dataset>-root`` option."""
+    return dataset.replace("-", "_") + "_root"
+
+
+def _roots(args) -> dict:
+    return {name: getattr(args, _root_option(name), None) for name in data_registry.dataset_names()}
 
 
 # --------------------------------------------------------------------------- runs
@@ -307,9 +316,9 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="torch device: auto (CUDA when available, else CPU; the default), cpu, cuda, cuda:1")
     p.add_argument("--backend", help="sequential, batched or fused (default: the training command's default)")
-    p.add_argument("--omniglot-root", help="Omniglot folder (default: $MAMLPP_OMNIGLOT_ROOT, else the default folder)")
-    p.add_argument("--mini-imagenet-root", help="mini-ImageNet folder (default: $MAMLPP_MINIIMAGENET_ROOT, else "
-                                                "the default folder)")
+    for spec in data_registry.registered_datasets():
+        p.add_argument(f"--{spec.name}-root", dest=_root_option(spec.name),
+                       help=f"{spec.title} folder (default: ${spec.env_var}, else the default folder)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -362,7 +371,7 @@ def _check_selection(parser, args) -> None:
 
 
 def _commands(args, program: Sequence[str]) -> list[tuple[str, int, list[str], dict]]:
-    roots = {"omniglot": args.omniglot_root, "mini-imagenet": args.mini_imagenet_root}
+    roots = _roots(args)
     out = []
     for preset in args.configs:
         for seed in args.seeds:
@@ -429,7 +438,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"mamlpp-reproduce: {describe_device(args.device, device)}", file=sys.stderr, flush=True)
     table = paper_table(args.runs_dir, configs=args.configs, seeds=args.seeds, num_tasks=args.tasks, top_k=args.top_k,
                         device=device, backend=args.backend,
-                        roots={"omniglot": args.omniglot_root, "mini-imagenet": args.mini_imagenet_root},
+                        roots=_roots(args),
                         cache_dir=args.cache_dir, batch_size=args.eval_batch_size,
                         include_unfinished=args.include_unfinished, rescore=args.rescore,
                         progress=not args.no_progress)

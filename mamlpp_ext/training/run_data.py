@@ -1,8 +1,10 @@
 """Where a run's episodes come from: data options, class pools and the episode streams.
 
 ``DataOptions`` holds everything about the data that is not the task shape (which is in the
-``MAMLConfig``); ``load_pools`` gives the train/val/test class pools of ``config.dataset``;
-``train_dataset`` and ``eval_dataset`` the seeded training stream and the fixed evaluation tasks.
+``MAMLConfig``); ``load_pools`` gives the train/val/test class pools of ``config.dataset`` (any
+dataset of the data registry, ``mamlpp_ext.data.registry``), checking the config against the
+data before any image is decoded; ``train_dataset`` and ``eval_dataset`` the seeded training
+stream and the fixed evaluation tasks.
 """
 
 from __future__ import annotations
@@ -16,23 +18,28 @@ from ..model import MAMLConfig
 
 __all__ = ["SPLITS", "DataOptions", "eval_dataset", "load_pools", "train_dataset"]
 
-SPLITS = ("maml", "lake")
+#: the named class splits of the registered datasets (Omniglot's "maml" and "lake")
+SPLITS = tuple(dict.fromkeys(s for spec in D.registered_datasets() for s in spec.split_schemes))
 
 
 @dataclass
 class DataOptions:
     """Where a run's episodes come from (everything but the task shape, which is in the config).
 
-    ``root``: dataset folder (None: the data package's default); ``split``: Omniglot class
-    split ("maml" or "lake"); ``lake_val_alphabets``: held-out background alphabets of the
-    lake split; ``eval_seed``: seed of the fixed validation/test tasks (independent of the
-    training seed, so every run sees the same tasks); ``check_counts``: require the complete
-    dataset; ``cache_dir``: preprocessing cache; ``num_workers``: DataLoader workers for training.
+    ``root``: dataset folder (None: the data package's default); ``split``: the dataset's named
+    class split, for those that have several (Omniglot: "maml" or "lake"; the others' split is
+    fixed by the data and "maml", the default, stands for it); ``split_seed``: seed of splits
+    drawn at random (Omniglot's shuffles, an image folder without train/val/test sub-folders);
+    ``lake_val_alphabets``: held-out background alphabets of the lake split; ``eval_seed``: seed
+    of the fixed validation/test tasks (independent of the training seed, so every run sees the
+    same tasks); ``check_counts``: require the complete dataset; ``cache_dir``: preprocessing
+    cache; ``num_workers``: DataLoader workers for training.
     """
 
     root: Optional[str] = None
     split: str = "maml"
     lake_val_alphabets: int = 5
+    split_seed: int = 0
     eval_seed: int = 0
     check_counts: bool = True
     cache_dir: Optional[str] = None
@@ -41,7 +48,7 @@ class DataOptions:
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
-        for name in ("lake_val_alphabets", "eval_seed", "num_workers"):
+        for name in ("lake_val_alphabets", "split_seed", "eval_seed", "num_workers"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {v!r}")
@@ -55,22 +62,21 @@ class DataOptions:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def load_pools(config: MAMLConfig, data: DataOptions) -> dict:
-    """The train/val/test ``ClassPool`` s of ``config.dataset``."""
-    if config.dataset == "omniglot":
-        od = D.load_omniglot(data.root, cache_dir=data.cache_dir, check_counts=data.check_counts,
-                             size=config.image_height)
-        if config.image_height != config.image_width or config.image_channels != 1:
-            raise ValueError(f"Omniglot images are 1×{config.image_height}×{config.image_height}; the config asks for "
-                             f"{config.image_shape} (image_channels/image_height/image_width)")
-        return od.split(data.split, seed=0, lake_val_alphabets=data.lake_val_alphabets)
-    if config.dataset == "mini-imagenet":
-        if data.split != "maml":
-            raise ValueError("--split applies to Omniglot only; mini-ImageNet uses its folder's train/val/test")
-        mi = D.load_mini_imagenet(data.root, cache_dir=data.cache_dir, check_counts=data.check_counts,
-                                  size=config.image_height)
-        return mi.split()
-    raise ValueError(f"MAMLConfig.dataset must be 'omniglot' or 'mini-imagenet', got {config.dataset!r}")
+def load_pools(config: MAMLConfig, data: DataOptions, progress: bool = True) -> dict:
+    """The train/val/test ``ClassPool`` s of ``config.dataset`` for the config's image shape and
+    task shape, both checked against the data before any image is decoded (a mismatch raises
+    ``mamlpp_ext.data.DataMismatchError``, a ``ValueError``, naming the field to change)."""
+    spec = D.get_dataset(config.dataset)
+    split = data.split
+    if not spec.split_schemes:
+        if split != "maml":
+            named = [s.title for s in D.registered_datasets() if s.split_schemes]
+            raise ValueError(f"--split applies to {', '.join(named)} only; {spec.title} uses the split of its data")
+        split = None
+    return D.load_pools(spec, data.root, image_shape=config.image_shape, ways=config.ways, shots=config.shots,
+                        queries=config.queries, split=split, split_seed=data.split_seed,
+                        lake_val_alphabets=data.lake_val_alphabets, cache_dir=data.cache_dir,
+                        check_counts=data.check_counts, progress=progress)
 
 
 def eval_dataset(pool, config: MAMLConfig, data: DataOptions, num_tasks: int, batch_size: int):

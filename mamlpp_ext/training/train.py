@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import torch
 
+from .. import data as data_registry
 from ..model import BACKENDS, MAMLConfig, from_preset, preset_names
 from ..model.networks import NETWORKS
 from . import checkpoints as ckp
@@ -89,6 +90,12 @@ def build_config(preset: Optional[str] = None, config_file: Optional[str] = None
                 raise ValueError(f"{origin}: unknown config field {k!r}; known fields: {sorted(known)}")
             values[k] = v
     values.update({k: v for k, v in fields.items() if v is not None})
+    if preset is None and values.get("augment") is None:
+        # no preset says whether to rotate: the dataset's registry entry does
+        try:
+            values["augment"] = data_registry.get_dataset(values.get("dataset", "omniglot")).augment
+        except data_registry.DataError:
+            pass  # an unknown dataset is reported when the data is loaded
     try:
         if preset is not None:
             return from_preset(preset, **values)
@@ -99,7 +106,8 @@ def build_config(preset: Optional[str] = None, config_file: Optional[str] = None
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mamlpp-train", description="Train a MAML++ (or MAML) meta-learner on Omniglot or mini-ImageNet.",
+        prog="mamlpp-train", description="Train a MAML++ (or MAML) meta-learner on one of the datasets of "
+                                          f"docs/data.md ({', '.join(data_registry.dataset_names())}).",
         epilog="presets: " + ", ".join(preset_names()))
     p.add_argument("--preset",
                    help="a public setting (docs/method.md §6), e.g. omniglot-5way-1shot; see --list-presets")
@@ -128,6 +136,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset-root", help="dataset folder (default: the data package's, see docs/data.md)")
     p.add_argument("--cache-dir", help="preprocessing cache folder (default $MAMLPP_CACHE_DIR or ~/.cache/mamlpp_ext)")
     p.add_argument("--split", default="maml", choices=SPLITS, help="Omniglot class split (default maml)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the class split where it is drawn at random: Omniglot's shuffles, an image folder "
+                        "without train/val/test sub-folders (default 0)")
     p.add_argument("--lake-val-alphabets", type=int, default=5, help="validation alphabets of the lake split")
     p.add_argument("--allow-partial-data", action="store_true", help="accept an incomplete dataset copy")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for training batches (default 0)")
@@ -182,6 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             strategy = D.DistributedStrategy()
             where = f" (process {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')})"
         data = DataOptions(root=args.dataset_root, split=args.split, lake_val_alphabets=args.lake_val_alphabets,
+                           split_seed=args.split_seed,
                              eval_seed=args.eval_seed, check_counts=not args.allow_partial_data,
                              cache_dir=args.cache_dir, num_workers=args.workers)
         if args.resume:
@@ -218,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
                               tensorboard=not args.no_tensorboard, graph=GRAPH_MODES[args.graph])
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, data_registry.DataError) as exc:
         parser.error(str(exc))
     if trainer.is_main:
         print(f"mamlpp-train: {describe_device(args.device, trainer.device)}, backend {trainer.backend}",
