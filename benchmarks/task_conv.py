@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="op counts (device independent), timings, or both (default)")
     g.add_argument("--tc-dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     g.add_argument("--tc-threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    g.add_argument("--tc-cases", default="", metavar="SUBSTRING",
+                   help="time only the layers whose name contains SUBSTRING (e.g. omniglot-5w1s)")
 
 
 def layer_cases():
@@ -190,6 +192,8 @@ def time_rows(args, device, dtype) -> list[dict]:
     repeats = 5 if args.quick else 50
     rows = []
     for name, N, T, C_in, C_out, H in layer_cases():
+        if getattr(args, "tc_cases", "") not in name:
+            continue
         x, w, b = _make(N, T, C_in, C_out, H, device, dtype)
         for pass_name in PASSES:
             calls = {"aten": _callable(ref.task_conv2d, pass_name, x, w, b),

@@ -1,7 +1,10 @@
 // CPU registration of the task-batched convolution ops (task_conv, _task_conv_backward). The
 // implementation is device-agnostic (csrc/task_conv.cpp: one grouped ATen convolution call per op,
-// NOTE [Task-batched convolution] in mamlpp/task_conv.h); on the CPU, ATen runs it with oneDNN
-// where it applies (float32, bfloat16, float16) and with its native kernels otherwise (float64).
+// NOTE [Task-batched convolution] in mamlpp/task_conv.h). On the CPU, ATen runs float32 (and the
+// half types on CPUs with oneDNN support for them) as one oneDNN grouped convolution; its native
+// kernel, which float64 uses (and float16/bfloat16 on CPUs without that support, such as the
+// 2-core development machine), loops over the T*groups groups inside the one call (im2col + GEMM
+// per group). Either way one call per op reaches ATen, and the count does not grow with T.
 #include <torch/library.h>
 
 #include "mamlpp/task_conv.h"
