@@ -144,6 +144,7 @@ class MAMLPlusPlus:
         report_notes(self.execution.notes)
         self.backend_impl: Backend = BACKENDS[self.execution.backend]
         self.net = build_network(config, network)
+        self.net.use_backend_layout(self.backend_impl.conv_layout)
         self.bn_layers = list(self.net.bn_layers)
         if config.bn_eval_stats == "running" and not all(b.track_running_stats for b in self.bn_layers):
             raise ValueError("bn_eval_stats='running' needs running statistics in every BN layer, but "
@@ -203,6 +204,7 @@ class MAMLPlusPlus:
             raise ValueError(f"cannot switch a graph-mode learner to backend {name!r}: {exc}") from None
         self.execution = execution
         self.backend_impl = BACKENDS[name]
+        self.net.use_backend_layout(self.backend_impl.conv_layout)
         if graph:
             self.graph.reset()  # the captured graphs run the old backend's ops
 
