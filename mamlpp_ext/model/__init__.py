@@ -20,5 +20,5 @@ from .config import MAMLConfig, from_preset, preset_names
 from .meta_learner import MAMLPlusPlus
 from .step import DivergenceError
 
-__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "DivergenceError", "Execution", "MAMLConfig", "MAMLPlusPlus", "from_preset", "preset_names",
-           "report_notes", "resolve_execution"]
+__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "DivergenceError", "Execution", "MAMLConfig", "MAMLPlusPlus",
+           "from_preset", "preset_names", "report_notes", "resolve_execution"]
