@@ -134,7 +134,7 @@ def test_cli_resume_across_process_counts(tmp_path, fake_root):
     # rank 0 alone wrote the logs: one row per epoch, validation on all 6 tasks
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [0, 1] and all(r["val_num_tasks"] == 6 for r in epochs)
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(r["val_num_tasks"] == 6 for r in epochs)
     ref_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     ref_epochs = [r for r in ref_rows if r["kind"] == "epoch"]
     for r, e in zip(epochs, ref_epochs):

@@ -114,8 +114,9 @@ def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_
 def report_header(paths: Sequence[Path], learners: Sequence[MAMLPlusPlus], ckpts: Sequence[dict],
                   data: DataOptions, device) -> dict:
     """The part of a JSON report that says what was scored: the members (path, epoch, iteration,
-    validation accuracy), the ensemble size, the config, the data options, backend and device."""
-    return {"members": [{"path": str(p), "epoch": c["epoch"] - 1 if c.get("val") else None,
+    validation accuracy; ``epoch`` counts from 1, None for a mid-epoch checkpoint), the ensemble
+    size, the config, the data options, backend and device."""
+    return {"members": [{"path": str(p), "epoch": c["epoch"] if c.get("val") else None,  # counted from 1
                          "iteration": c["iteration"], "val_accuracy": (c.get("val") or {}).get("accuracy")}
                         for p, c in zip(paths, ckpts)],
             "ensemble_size": len(paths), "config": learners[0].config.to_dict(), "data": data.to_dict(),
