@@ -132,17 +132,21 @@ class RunLock:
         command: what the holder is, for the messages others see ("mamlpp-train", ...).
         break_lock: take over a lock that another host holds (after the user checked that
             its process is gone); a lock held by a live process of this host is never broken.
-        wait: seconds to wait for a live holder of this host to finish (0: refuse at once).
+        wait: seconds to wait for a live holder of this host to finish (0: refuse at once;
+            ``math.inf``: as long as it takes).
+        advice: what the refusal of a live holder suggests.
         log: where the one-line notes go (a stale lock taken over, a lock broken, waiting).
     """
 
     def __init__(self, run_dir: str | os.PathLike, command: str, *, break_lock: bool = False, wait: float = 0.0,
+                 advice: str = "wait until it finishes, or use another run folder",
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_NAME
         self.command = command
         self.break_lock = bool(break_lock)
         self.wait = float(wait)
+        self.advice = advice
         self.log = log
         self._fd: Optional[int] = None
         self.holder: Optional[LockHolder] = None
@@ -188,7 +192,7 @@ class RunLock:
                         os.close(fd)
                         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
                         continue
-                    raise self._refuse(holder, "; wait until it finishes, or use another run folder")
+                    raise self._refuse(holder, f"; {self.advice}")
                 try:
                     same_file = os.stat(self.path).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:
@@ -246,7 +250,7 @@ class RunLock:
         if old.host != socket.gethostname():
             return (f"; its process cannot be checked from host {socket.gethostname()}. If it is no longer running, "
                     f"pass --break-lock")
-        return "; wait until it finishes, or use another run folder"
+        return f"; {self.advice}"
 
     def release(self) -> None:
         """Unlink the lock file and drop the lock (a no-op when not held)."""
