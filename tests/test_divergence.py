@@ -166,3 +166,43 @@ def test_guarded_step_stays_capturable():
 def test_inner_lr_must_be_positive(value):
     with pytest.raises(ValueError, match=r"MAMLConfig\.inner_lr must be > 0"):
         MAMLConfig(**{**TINY, "inner_lr": value})
+
+
+# ---------------------------------------------------------------------------
+# On a GPU (skipped here): the guard in eager CUDA steps and inside a captured graph, no host sync
+# ---------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_batch(cfg: MAMLConfig, seed: int):
+    return tuple(t.pin_memory() for t in batch(cfg, seed, dtype=torch.float32))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+@pytest.mark.parametrize("backend", backend_params(per_task=False))
+def test_cuda_nan_step_is_dropped_without_a_host_sync(backend, graph):
+    cfg = MAMLConfig(**{**TINY, "grad_clamp": 5.0})
+    lrn = MAMLPlusPlus(cfg, backend=backend, device="cuda", graph=graph)
+    for s in range(4):  # graph mode: two warm-up steps, the capture, a replay
+        lrn.train_step(*_cuda_batch(cfg, s), epoch=0)
+    torch.cuda.synchronize()
+    before = snapshot(lrn)
+    sx, sy, qx, qy = _cuda_batch(cfg, 10)
+    sx[0, 0, 0, 2, 2] = float("nan")
+    good = [_cuda_batch(cfg, s) for s in (11, 12)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = [lrn.train_step(sx, sy, qx, qy, epoch=0).clone()]
+        out += [lrn.train_step(*b, epoch=0).clone() for b in good]  # dropped as well (sticky)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isnan(m[:2]).all() for m in out)
+    assert_same(snapshot(lrn), before)
+    assert lrn.clear_divergence() == 3
+    assert torch.isfinite(lrn.train_step(*_cuda_batch(cfg, 13), epoch=0)).all()
+    if graph:
+        assert lrn.graph.captures == 1  # the dropped steps were replays of the same graph
