@@ -113,7 +113,9 @@ def test_second_trainer_on_a_run_folder_is_refused_naming_the_holder(tmp_path, f
     first.fit()
     assert not (run / LOCK_NAME).exists()  # released when fit returns
     assert len(list(csv.DictReader(open(run / "metrics.csv")))) == TINY["total_epochs"]
-    # a refused run leaves no empty folder behind
+    # a run refused after taking the lock (here: a bad argument) leaves no empty folder behind
+    with pytest.raises(ValueError, match="keep_top_k"):
+        _trainer(tmp_path / "never", fake_root, keep_top_k=0)
     assert not (tmp_path / "never").exists()
 
 

@@ -470,7 +470,8 @@ class MAMLPlusPlus:
         out.update(format=_STATE_FORMAT, config=self.config.to_dict(), backend=self.backend,
                    optimizer=self.outer.portable_state(),
                    scheduler=dict(last_epoch=self.last_epoch),
-                   meta_steps_done=self.meta_steps_done - int(self.step.dropped.item()))
+                   meta_steps_done=self.meta_steps_done - (0 if self.device.type == "meta"
+                                                           else int(self.step.dropped.item())))
         return out
 
     def load_state_dict(self, state: dict) -> None:

@@ -212,7 +212,8 @@ class MetaStep:
         if metrics is not None:
             checked.append(metrics[:1])
         flag = self.nonfinite
-        torch._amp_foreach_non_finite_check_and_unscale_(checked, flag, self._one)
+        if checked:
+            torch._amp_foreach_non_finite_check_and_unscale_(checked, flag, self._one)
         if lrn.config.grad_clamp is not None:
             c = float(lrn.config.grad_clamp)
             for p in lrn.theta + [t for t in lrn.bn_weight + lrn.bn_bias if t is not None]:
