@@ -142,6 +142,19 @@ def test_a_second_process_is_refused_while_the_first_trains(tmp_path, fake_root)
         proc.communicate(timeout=120)
 
 
+def test_a_new_run_does_not_mix_with_leftovers_of_one_that_saved_nothing(tmp_path, fake_root):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {"seed": 1}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "epoch": 1, "iteration": 3}) + "\n")
+    notes = []
+    _trainer(run, fake_root, log=notes.append, log_every=1).fit(stop_at_iteration=2)
+    assert any("saved no checkpoint; starting afresh" in n for n in notes)
+    assert json.loads((run / "config.json").read_text())["config"]["seed"] == 0
+    iters = [json.loads(line)["iteration"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert iters == [1, 2, 2]  # two train records and the interrupt record, nothing of the other run
+
+
 def test_stale_lock_of_a_dead_process_is_taken_over_with_a_note(tmp_path, fake_root):
     run = tmp_path / "run"
     pid = _dead_pid()

@@ -289,6 +289,8 @@ class Trainer:
                 self._renumber_old_logs(ckpt)
             self._truncate_logs()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is None and self.is_main:
+            self._clear_leftovers()
         if self.is_main and not (self.run_dir / "config.json").exists():
             self._write(self.run_dir / "config.json", lambda p: ckp.atomic_write_text(p, json.dumps(
                 {"config": config.to_dict(), "data": self.data.to_dict(), "backend": self.backend,
@@ -383,6 +385,17 @@ class Trainer:
                 self._write(self.run_dir / name, lambda p, name=name: ckp.atomic_copy(source_run / name, p))
         self.log(f"mamlpp-train: forked {checkpoint} into {self.run_dir}: copied it, {len(kept)} top-k checkpoint(s) "
                  f"and the logs up to it")
+
+    def _clear_leftovers(self) -> None:
+        """A new run in a folder whose earlier run stopped before its first checkpoint: that run's
+        config and logs describe nothing resumable, and would mix with this run's. They go."""
+        names = [n for n in ("config.json", "metrics.csv", "metrics.jsonl") if (self.run_dir / n).exists()]
+        if not names:
+            return
+        for n in names:
+            (self.run_dir / n).unlink()
+        self.log(f"mamlpp-train: {self.run_dir} held {', '.join(names)} of a run that saved no checkpoint; "
+                 f"starting afresh")
 
     def _renumber_old_logs(self, ckpt: dict) -> None:
         """Logs of a run written when epochs counted from 0 count from 1 from now on (NOTE [Epoch
