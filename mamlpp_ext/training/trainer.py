@@ -122,6 +122,9 @@ class Trainer:
             ``SingleProcess()``.
         graph: CUDA-graph mode of the learner (False, True or "auto"; NOTE [Graph mode] in
             model/graph.py).
+        recompute: None (the config's, or the checkpoint's when resuming) or a
+            ``MAMLConfig.recompute`` value that replaces it — also when resuming: recomputation
+            changes the memory and time of a step, not its results (docs/memory.md).
     """
 
     def __init__(self, config: Optional[MAMLConfig], run_dir: str | os.PathLike, *, backend: Optional[str] = None,
@@ -129,7 +132,8 @@ class Trainer:
                  pools: Optional[dict] = None, keep_top_k: Optional[int] = None,
                  eval_batch_size: Optional[int] = None, log_every: int = 50, progress: bool = True,
                  tensorboard: bool = True, resume: bool | str | os.PathLike = False,
-                 handle_signals: bool = True, strategy=None, graph: bool | str = False) -> None:
+                 handle_signals: bool = True, strategy=None, graph: bool | str = False,
+                 recompute: Optional[str] = None) -> None:
         self.strategy = strategy if strategy is not None else SingleProcess()
         if not self.strategy.is_main:
             progress = False
@@ -150,6 +154,8 @@ class Trainer:
                                   f"continue it or choose another --run-dir")
         if not isinstance(config, MAMLConfig):
             raise TypeError(f"config must be a MAMLConfig, got {type(config).__name__}")
+        if recompute is not None and recompute != config.recompute:
+            config = config.replace(recompute=recompute)
         self.config = config
         self.data = data or DataOptions()
         self.device = check_device(device)
