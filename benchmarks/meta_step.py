@@ -12,7 +12,7 @@ Backends: ``sequential`` (tasks one after another, pure autograd; the baseline),
 (all tasks at once, pure autograd) and ``fused`` (batched + compiled ops; skipped without the
 extension); on CUDA also ``batched+graph`` and ``fused+graph`` (the step captured as a CUDA
 graph and replayed, batches copied in from pinned memory). ``--meta-step-conv-layouts`` adds
-rows per convolution layout (NOTE [Convolution layout] in model/network.py). Reports the median
+rows per convolution layout (NOTE [Convolution layout] in model/lifting.py). Reports the median
 seconds per meta-step after warm-up, the speed-up over ``sequential`` and, on CUDA, the peak
 memory allocated during the timed steps.
 

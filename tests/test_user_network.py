@@ -11,13 +11,11 @@ import textwrap
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.func import functional_call
 
 import mamlpp_ext
 from mamlpp_ext.model import MAMLConfig, MAMLPlusPlus
 from mamlpp_ext.model.network import SUPPORTED_LAYERS, SequentialNet, TaskNetwork, VGGNet
-from mamlpp_ext.model.schedules import epoch_plan
+from _nets import functional_call_meta_loss, random_batch
 from backend_cases import backend_params
 
 DT = torch.float64
@@ -86,61 +84,6 @@ def make(name, seed=0, **cfg_kw):
     return module, cfg
 
 
-def random_batch(cfg, T=None, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    T = T or cfg.meta_batch
-
-    def labels(per_class):
-        base = torch.arange(cfg.ways).repeat_interleave(per_class)
-        return torch.stack([base[torch.randperm(len(base), generator=g)] for _ in range(T)])
-
-    sy, qy = labels(cfg.shots), labels(cfg.queries)
-    sx = torch.randn(T, sy.shape[1], *cfg.image_shape, generator=g, dtype=DT)
-    qx = torch.randn(T, qy.shape[1], *cfg.image_shape, generator=g, dtype=DT)
-    return sx, sy, qx, qy
-
-
-def functional_call_meta_loss(module, learner, batch, epoch):
-    """The MAML++ meta-loss computed with the user's module itself, task after task, through
-    torch.func.functional_call: fast weights and per-step BN rows substituted by name, the BN
-    running-statistics rows updated in place by the module's own batch norm."""
-    cfg = learner.config
-    plan = epoch_plan(cfg, epoch)
-    names = learner.net.weight_names
-    bns = learner.bn_layers
-    rm = [None if t is None else t.clone() for t in learner.running_mean]
-    rv = [None if t is None else t.clone() for t in learner.running_var]
-    module.train()
-    sx, sy, qx, qy = batch
-
-    def forward(x, fast, step):
-        params = dict(zip(names, fast))
-        buffers = {}
-        for j, layer in enumerate(bns):
-            if layer.affine:
-                r = min(step, learner.bn_weight[j].shape[0] - 1)
-                params[f"{layer.name}.weight"] = learner.bn_weight[j][r]
-                params[f"{layer.name}.bias"] = learner.bn_bias[j][r]
-            if layer.track_running_stats:
-                rs = min(step, rm[j].shape[0] - 1)
-                buffers[f"{layer.name}.running_mean"] = rm[j][rs]
-                buffers[f"{layer.name}.running_var"] = rv[j][rs]
-        return functional_call(module, (params, buffers), (x,))
-
-    losses = []
-    for t in range(sx.shape[0]):
-        fast = list(learner.theta)
-        task = 0.0
-        for i in range(cfg.inner_steps):
-            loss = F.cross_entropy(forward(sx[t], fast, i), sy[t])
-            grads = torch.autograd.grad(loss, fast, create_graph=plan.second_order)
-            fast = [p - learner.lslr[k, i] * g for k, (p, g) in enumerate(zip(fast, grads))]
-            if plan.score_every_step or i == cfg.inner_steps - 1:
-                task = task + plan.loss_weights[i] * F.cross_entropy(forward(qx[t], fast, i), qy[t])
-        losses.append(task)
-    return torch.stack(losses).mean(), rm, rv
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("net", list(NETS))
 def test_lifted_network_matches_functional_call(net, backend):
@@ -204,7 +147,7 @@ def test_state_dict_round_trip_with_a_user_network():
 
 def test_unsupported_layers_are_rejected_by_name():
     cases = [
-        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), "'1' (GELU)"),
+        (nn.Sequential(nn.Conv2d(1, 4, 3), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)), "'1' (PReLU)"),
         (nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), nn.Flatten(), nn.Linear(256, 3)),
          "padding_mode='reflect'"),
         (nn.Sequential(nn.Conv2d(1, 4, 3), nn.Dropout(0.5), nn.Flatten(), nn.Linear(144, 3)), "Dropout(p=0.5)"),
@@ -217,7 +160,7 @@ def test_unsupported_layers_are_rejected_by_name():
             SequentialNet(module, (1, 8, 8))
         assert words in str(info.value)
     with pytest.raises(ValueError) as info:
-        SequentialNet(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU()), (1, 8, 8))
+        SequentialNet(nn.Sequential(nn.Conv2d(1, 4, 3), nn.PReLU()), (1, 8, 8))
     assert all(layer in str(info.value) for layer in SUPPORTED_LAYERS)
     with pytest.raises(TypeError, match="nn.Sequential"):
         SequentialNet(nn.Linear(3, 3), (1, 8, 8))

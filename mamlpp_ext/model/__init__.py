@@ -2,8 +2,10 @@
 
 * :mod:`~mamlpp_ext.model.config` — ``MAMLConfig`` (every setting) and the public presets;
 * :mod:`~mamlpp_ext.model.schedules` — MSL weights, derivative-order annealing, cosine annealing;
-* :mod:`~mamlpp_ext.model.network` — the task-batched network interface, the VGG net of the
-  paper and networks lifted from a user's ``nn.Sequential``;
+* :mod:`~mamlpp_ext.model.network` — the networks' names in one place: the task-batched network
+  interface (``task_network``), the lifter that turns a user's ``nn.Module`` into one
+  (``lifting``: ``torch.fx`` tracing and the table of supported layers) and the built-in
+  networks — the paper's VGG net, conv4 and ResNet-12 (``networks``: ``NETWORKS``);
 * :mod:`~mamlpp_ext.model.backends` — the table of backends (sequential / batched / fused) and
   ``resolve_execution``, the one function that decides which backend and mode (eager or CUDA
   graph) run;

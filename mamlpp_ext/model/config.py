@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from .networks import NETWORKS
+
 __all__ = ["MAMLConfig", "from_preset", "preset_names", "default_augment", "BN_EVAL_STATS", "RECOMPUTE_MODES"]
 
 BN_EVAL_STATS = ("batch", "running")
@@ -55,11 +57,15 @@ class MAMLConfig:
     * CA: ``cosine_annealing`` of the Adam meta learning rate from ``meta_lr``
       down to ``min_meta_lr`` over ``total_epochs``.
 
-    Network: ``network`` is "vgg" (the SPEC §2 net, shaped by ``num_stages``, ``num_filters``,
-    ``leaky_relu_slope``, ``bn_momentum`` and ``bn_eps``), "package.module:function" (a function
-    called with this config that returns an ``nn.Sequential`` of standard layers or a
-    ``mamlpp_ext.model.network.TaskNetwork``), or "custom" (the network object was handed to the
-    meta-learner directly; it is needed again to rebuild the learner). See docs/networks.md.
+    Network: ``network`` is a built-in network (``networks.NETWORKS``): "vgg" (the SPEC §2 net,
+    shaped by ``num_stages``, ``num_filters``, ``leaky_relu_slope``, ``bn_momentum`` and
+    ``bn_eps``), "conv4" or "resnet12" (shaped by ``network_widths``, ``bn_momentum`` and
+    ``bn_eps``); "package.module:function" (a function called with this config that returns an
+    ``nn.Module`` of standard layers or a ``mamlpp_ext.model.network.TaskNetwork``); or "custom"
+    (the network object was handed to the meta-learner directly; it is needed again to rebuild
+    the learner). ``network_widths``: channels per stage of conv4 / resnet12 (None: the
+    network's default — conv4 64 per stage on Omniglot, 32 elsewhere; resnet12 64-160-320-640);
+    a list, a tuple or a comma-separated string, stored as a tuple. See docs/networks.md.
 
     Other options: ``bn_eval_stats`` ("batch": normalise with batch statistics at
     evaluation, as the public code does; "running": with the per-step running
@@ -93,6 +99,7 @@ class MAMLConfig:
     leaky_relu_slope: float = 0.01
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
+    network_widths: Optional[tuple] = None  # conv4 / resnet12 channels per stage; None: the network's default
     # --- inner loop ---
     inner_steps: int = 5
     eval_inner_steps: int = 5
@@ -128,6 +135,7 @@ class MAMLConfig:
     def __post_init__(self) -> None:
         if self.augment is None and isinstance(self.dataset, str):
             self.augment = default_augment(self.dataset)
+        self.network_widths = _widths_tuple(self.network_widths)
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -182,18 +190,30 @@ class MAMLConfig:
             raise ValueError(f"MAMLConfig.bn_eval_stats must be one of {BN_EVAL_STATS}, got {self.bn_eval_stats!r}")
         if self.recompute not in RECOMPUTE_MODES:
             raise ValueError(f"MAMLConfig.recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
-        if not isinstance(self.network, str) or not (self.network in ("vgg", "custom")
+        if not isinstance(self.network, str) or not (self.network in NETWORKS or self.network == "custom"
                                                      or _is_import_path(self.network)):
-            raise ValueError(f"MAMLConfig.network must be 'vgg', 'custom' or an import path "
+            raise ValueError(f"MAMLConfig.network must be one of {sorted(NETWORKS)}, 'custom' or an import path "
                              f"'package.module:function', got {self.network!r}")
         if not isinstance(self.dataset, str):
             raise TypeError(f"MAMLConfig.dataset must be a str, got {type(self.dataset).__name__}")
+        widths = self.network_widths
+        if widths is not None:
+            if not isinstance(widths, (tuple, list)) or not widths or any(
+                    isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+                raise ValueError(f"MAMLConfig.network_widths must be None or a non-empty list of positive ints "
+                                 f"(channels per stage, e.g. [64, 160, 320, 640]), got {widths!r}")
+            if self.network in NETWORKS and NETWORKS[self.network].default_widths(self) is None:
+                raise ValueError(f"MAMLConfig.network_widths does not apply to network={self.network!r} (it shapes "
+                                 f"conv4 and resnet12; the VGG network is shaped by num_stages and num_filters)")
         for name in ("image_height", "image_width"):
             v = getattr(self, name)
-            if self.network == "vgg" and v >> self.num_stages < 1:
+            if self.network in NETWORKS and v >> NETWORKS[self.network].stages(self) < 1:
+                stages = NETWORKS[self.network].stages(self)
+                what = f"num_stages={stages}" if self.network == "vgg" else \
+                    f"the {stages} stages of network={self.network!r}"
                 raise ValueError(
-                    f"MAMLConfig.{name}={v} is too small for num_stages={self.num_stages}: each stage "
-                    f"halves the feature map of the VGG network, so it must be >= {2 ** self.num_stages} (for a "
+                    f"MAMLConfig.{name}={v} is too small for {what}: each stage "
+                    f"halves the feature map, so it must be >= {2 ** stages} (for a "
                     f"network of your own, set network='custom' or network='package.module:function')")
         if self.adapt_bn_affine and self.per_step_bn_weights:
             raise ValueError(
@@ -224,6 +244,19 @@ class MAMLConfig:
             raise TypeError(f"MAMLConfig.from_dict expects a dict, got {type(d).__name__}")
         _check_keys(d, "key")
         return cls(**d)
+
+
+def _widths_tuple(widths):
+    """``network_widths`` as given (a list from JSON/YAML, a "64,160,320,640" string from --set) as
+    a tuple of ints; anything else is returned as is for ``validate`` to reject."""
+    if isinstance(widths, str):
+        try:
+            return tuple(int(w) for w in widths.replace(" ", "").strip("()[]").split(","))
+        except ValueError:
+            return widths
+    if isinstance(widths, list):
+        return tuple(widths)
+    return widths
 
 
 def _is_import_path(text: str) -> bool:
@@ -272,6 +305,13 @@ _BASES = {
     "mini-imagenet-5way-1shot": _mini_imagenet(5, 1),
     "mini-imagenet-5way-5shot": _mini_imagenet(5, 5),
 }
+
+# MAML++ with a ResNet-12 on mini-ImageNet (docs/networks.md): the mini-ImageNet task shape and
+# budget above, which ALFA's second-order ResNet-12 setting (baiksung/ALFA,
+# experiment_config/alfa+maml_resnet12.json) shares — 2 tasks per meta-batch, 5 inner steps,
+# second order, inner lr 0.01, meta lr 1e-3, 15 queries, 100 × 500 iterations.
+_BASES.update({f"mini-imagenet-5way-{k}shot-resnet12": {**_mini_imagenet(5, k), "network": "resnet12"}
+               for k in (1, 5)})
 
 _PRESETS: dict[str, dict] = {}
 for _name, _base in _BASES.items():

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from .backends import BACKENDS, Backend, report_notes, resolve_execution
 from .config import MAMLConfig, from_preset
 from .graph import GraphRunner
-from .network import SequentialNet, TaskNetwork, VGGNet
+from .network import NETWORKS, LiftedNet, TaskNetwork, VGGNet
 from .schedules import epoch_plan, meta_lr_at
 from .step import MetaStep, OuterOptimizer
 
@@ -57,13 +57,14 @@ _STATE_FORMAT = "mamlpp_ext.MAMLPlusPlus/1"
 
 
 def build_network(config: MAMLConfig, network=None) -> TaskNetwork:
-    """The network a learner runs: ``network`` (an ``nn.Sequential`` or a ``TaskNetwork``) when
-    given, else the one ``config.network`` names ("vgg", or "package.module:function" called with
-    the config). Its output size must be ``config.ways``."""
+    """The network a learner runs: ``network`` (an ``nn.Module`` of standard layers or a
+    ``TaskNetwork``) when given, else the one ``config.network`` names (a built-in of
+    ``network.NETWORKS``, or "package.module:function" called with the config). Its output size
+    must be ``config.ways``."""
     source = "network"
     if network is None:
-        if config.network == "vgg":
-            return VGGNet.from_config(config)
+        if config.network in NETWORKS:
+            return NETWORKS[config.network].build(config)
         if config.network == "custom":
             raise ValueError("MAMLConfig.network='custom': the network was handed to the learner as an object; "
                              "pass the same network= to rebuild the learner")
@@ -75,9 +76,9 @@ def build_network(config: MAMLConfig, network=None) -> TaskNetwork:
             raise ValueError(f"{source}: cannot import it ({type(exc).__name__}: {exc})") from None
         network = func(config)
     if isinstance(network, nn.Module):
-        network = SequentialNet(network, config.image_shape)
+        network = LiftedNet(network, config.image_shape)
     if not isinstance(network, TaskNetwork):
-        raise TypeError(f"{source}: expected an nn.Sequential or a mamlpp_ext.model.network.TaskNetwork, got "
+        raise TypeError(f"{source}: expected an nn.Module or a mamlpp_ext.model.network.TaskNetwork, got "
                         f"{type(network).__name__}")
     network.check_input_shape(config.image_shape)
     if network.num_classes != config.ways:

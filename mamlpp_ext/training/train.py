@@ -19,6 +19,7 @@ import torch
 
 from ..model import BACKENDS, MAMLConfig, from_preset, preset_names
 from ..model.config import RECOMPUTE_MODES
+from ..model.networks import NETWORKS
 from . import checkpoints as ckp
 from . import distributed as D
 from .run_data import SPLITS, DataOptions
@@ -105,10 +106,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="a public setting (docs/method.md §6), e.g. omniglot-5way-1shot; see --list-presets")
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     p.add_argument("--config", help="JSON or YAML file of MAMLConfig fields (may hold 'preset')")
-    p.add_argument("--network", metavar="MODULE:FUNCTION",
-                   help="a network of your own: FUNCTION(config) in MODULE (importable from the current folder or "
-                        "PYTHONPATH) returns an nn.Sequential of standard layers or a TaskNetwork (docs/networks.md); "
-                        "default: the paper's VGG network (config network='vgg')")
+    p.add_argument("--network", metavar="{" + ",".join(NETWORKS) + ",MODULE:FUNCTION}",
+                   help="the network: a built-in one (" + "; ".join(f"{k}: {v.summary}" for k, v in NETWORKS.items())
+                        + "; widths of conv4/resnet12 with --set network_widths=...), or one of your own: "
+                        "FUNCTION(config) in MODULE (importable from the current folder or PYTHONPATH) returns an "
+                        "nn.Module of standard layers or a TaskNetwork (docs/networks.md); default: vgg")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a MAMLConfig field (repeatable), e.g. --set inner_steps=3 --set grad_clamp=null")
     p.add_argument("--backend", help=f"one of {', '.join(BACKENDS)} (default: the fastest measured for the device "
