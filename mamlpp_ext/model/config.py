@@ -25,10 +25,12 @@ __all__ = ["MAMLConfig", "from_preset", "preset_names", "default_augment", "BN_E
 
 BN_EVAL_STATS = ("batch", "running")
 
-#: ``MAMLConfig.recompute`` values (NOTE [Recomputed inner steps] in step.py, docs/memory.md):
+#: ``MAMLConfig.recompute`` values (NOTE [Recomputed inner steps] in recompute.py, docs/memory.md):
 #: "off" keeps every inner step's graph until the outer backward; "steps" keeps only each step's
-#: inputs and recomputes the step during the outer backward (same results, less memory, more time).
-RECOMPUTE_MODES = ("off", "steps")
+#: inputs and recomputes the whole step (support and query) during the outer backward; "query"
+#: keeps the support part and recomputes only the query scores (less time, more memory than
+#: "steps"). All give the same results.
+RECOMPUTE_MODES = ("off", "steps", "query")
 
 
 def default_augment(dataset: str) -> bool:
@@ -77,11 +79,12 @@ class MAMLConfig:
     dataset's own setting: on for Omniglot, off for mini-ImageNet, as the public
     code, whose augmentation is tied to the dataset name containing "omniglot").
 
-    Memory: ``recompute`` ("off" or "steps", ``RECOMPUTE_MODES``): "steps" keeps only the inputs
-    of each inner step (fast weights and batch) during the meta-loss and recomputes the step in
-    the outer backward: the same loss, meta-gradients and running statistics in a fraction of
-    the memory, for some more time (docs/memory.md). It changes how a step runs, not what it
-    computes, so a resumed run may switch it.
+    Memory: ``recompute`` ("off", "steps" or "query", ``RECOMPUTE_MODES``): "steps" keeps only
+    the inputs of each inner step (fast weights and batch) during the meta-loss and recomputes
+    the step in the outer backward; "query" recomputes only the query scores of the multi-step
+    loss. The same loss, meta-gradients and running statistics in a fraction of the memory, for
+    some more time (docs/memory.md). It changes how a step runs, not what it computes, so a
+    resumed run may switch it.
     """
 
     # --- task shape ---

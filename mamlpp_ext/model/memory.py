@@ -125,7 +125,7 @@ def estimate_peak_memory(config: MAMLConfig | str, *, backend: str = "fused", ne
         dtype: of the meta-parameters and images.
         epoch: the epoch whose step is counted (MSL on or off, first or second order follow
             the schedules).
-        recompute: "off" or "steps" to override ``config.recompute``.
+        recompute: a ``RECOMPUTE_MODES`` value to override ``config.recompute``.
 
     Returns a dict: ``step_peak_bytes`` (NOTE [Step memory]), ``resident_bytes`` (learner state
     with Adam's moments), ``batch_bytes`` (one meta-batch on the device), ``total_bytes`` (their

@@ -195,7 +195,7 @@ class MetaStep:
         """The meta-batch loss with its graph to the meta-parameters, on validated inputs; info as
         ``MAMLPlusPlus.meta_loss`` documents."""
         lrn = self.learner
-        recompute = lrn.config.recompute != "off"
+        recompute = lrn.config.recompute
 
         def task(sx, sy, qx, qy):
             return self.inner_loop(sx, sy, qx, qy, steps=lrn.config.inner_steps, create_graph=plan.second_order,
@@ -235,16 +235,17 @@ class MetaStep:
 
     def inner_loop(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor], *, steps: int,
                    create_graph: bool, weights: Sequence[float], score_every_step: bool, training: bool,
-                   recompute: bool = False):
+                   recompute: str = "off"):
         """Run ``steps`` inner updates on T tasks and score the query set.
 
         sx (T, B, C, H, W), sy (T, B); qx, qy likewise or None. ``weights``: per-step query-loss
         weights (length ``steps``); the query set is scored after every update when
         ``score_every_step`` (MSL), else after the last one only. ``training``: the meta-parameters
         are differentiated through and BN updates the running statistics; else the inner loop
-        starts from detached copies (evaluation). ``recompute`` (training only): keep only each
-        step's inputs and rerun the step in the outer backward (NOTE [Recomputed inner steps] in
-        recompute.py). Returns (weighted query loss per task (T,) or None, final query logits
+        starts from detached copies (evaluation). ``recompute`` (training only; a
+        ``MAMLConfig.recompute`` value): "steps" keeps only each step's inputs and reruns the step
+        in the outer backward, "query" does so for the query scores only (NOTE [Recomputed inner
+        steps] in recompute.py). Returns (weighted query loss per task (T,) or None, final query logits
         (T, Q, N) or None, fast weights (T, ...)).
         """
         lrn = self.learner
@@ -305,15 +306,15 @@ class MetaStep:
         for i in range(steps):
             affine = rows(i)
             scored = qx is not None and (score_every_step or i == steps - 1)
-            if recompute and training:
+            if training and recompute == "steps":
                 fast = self._recomputed_update(update, fast, lslr, affine, i, create_graph)
-                term = None
-                if scored:
-                    term, q_logits = self._recomputed_score(score, fast, affine, i)
             else:
                 fast = update(fast, i, affine, lslr, create_graph)
-                if scored:
-                    q_logits, term = score(fast, i, affine)
+            term = None
+            if scored and training and recompute != "off":
+                term, q_logits = self._recomputed_score(score, fast, affine, i)
+            elif scored:
+                q_logits, term = score(fast, i, affine)
             if scored and term is not None:
                 total = term if total is None else total + term
         return total, q_logits, fast

@@ -122,8 +122,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "batched or fused backend). Default off until a GPU run has validated it (docs/graph_mode.md)")
     p.add_argument("--recompute", choices=RECOMPUTE_MODES,
                    help="memory mode (config recompute): 'steps' keeps only each inner step's inputs and recomputes "
-                        "the step in the outer backward -- same results, several times less memory, more time; "
-                        "may be changed on --resume (default: the config's, 'off'; docs/memory.md)")
+                        "the step in the outer backward; 'query' recomputes only the query scores. Same results, "
+                        "several times less memory, more time; may be changed on --resume (default: the config's, "
+                        "'off'; docs/memory.md)")
     p.add_argument("--estimate-memory", action="store_true",
                    help="print the estimated memory of one meta-step of this configuration (with and without "
                         "--recompute, counted without allocating it) and exit")
