@@ -16,6 +16,9 @@ Also:
 * ``agree`` rows: a case that fits, counted on real CPU (or CUDA) tensors beside the meta count
   (they must be equal); on CUDA also ``torch.cuda.max_memory_allocated`` over the same window
   (the caching allocator's view: rounding to 512-byte blocks, no kernel workspaces);
+* work: for the fused backend, the FLOPs of convolutions and matrix products
+  (``torch.utils.flop_counter``) and the ops dispatched per meta-step, against ``"off"`` (on the
+  meta device: device independent);
 * time: the median s/step of real steps with recomputation off and on for ``--memory-time-cases``
   (default: Omniglot 5-way 1-shot and mini-ImageNet 5-way 1-shot, fused; a full-size ResNet-12
   step takes minutes on a CPU, so its cases are timed only when named there), timed in
@@ -56,7 +59,8 @@ BACKENDS = tuple(_TABLE)
 GiB = 2**30
 COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("recompute", "recompute", "s"),
            ("peak_gib", "step peak GiB", ".3f"), ("total_gib", "total GiB", ".3f"),
-           ("reduction", "off/steps", ".2f"), ("median_s", "s/step", ".3f"), ("time_ratio", "time vs off", ".2f"),
+           ("reduction", "vs off", ".2f"), ("flops_ratio", "FLOPs vs off", ".3f"), ("ops_ratio", "ops vs off", ".3f"),
+           ("median_s", "s/step", ".3f"), ("time_ratio", "time vs off", ".2f"),
            ("counted_real_gib", "real count GiB", ".3f"), ("cuda_allocator_gib", "cuda alloc GiB", ".3f"),
            ("note", "note", "s")]
 
@@ -113,6 +117,32 @@ def _measure_real(cfg, backend: str, device: torch.device) -> dict:
     return out
 
 
+def _work(cfg, backend: str) -> tuple[int, int]:
+    """(FLOPs, ops dispatched) of meta_loss + backward of ``cfg`` on the meta device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mamlpp_ext.model import MAMLPlusPlus
+    from mamlpp_ext.model.schedules import epoch_plan
+
+    class Ops(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        learner = MAMLPlusPlus(cfg, backend=backend, device="meta")
+        batch = [torch.empty(t.shape, dtype=t.dtype, device="meta")
+                 for t in meta_step._batch(cfg, torch.device("cpu"), torch.float32)]
+        with FlopCounterMode(display=False) as flops, Ops():
+            loss, _ = learner.step.meta_loss(*batch, epoch_plan(cfg, 0))
+            loss.backward()
+    return flops.get_total_flops(), Ops.count
+
+
 def _time(cfg, device: torch.device, repeats: int, quick: bool) -> dict:
     from mamlpp_ext.model import MAMLPlusPlus
 
@@ -150,7 +180,7 @@ def run(args) -> list[dict]:
     for case in cases:
         cfg = from_preset(case)
         for backend in backends:
-            off_peak = None
+            off_peak = off_work = None
             for mode in RECOMPUTE_MODES:
                 row = dict(section="memory", case=case, backend=backend, recompute=mode, network=cfg.network,
                            tasks=cfg.meta_batch, inner_steps=cfg.inner_steps, dtype="float32", note="")
@@ -163,10 +193,13 @@ def run(args) -> list[dict]:
                     est = estimate_peak_memory(cfg, backend=backend, recompute=mode)
                 row.update(peak_gib=est["step_peak_bytes"] / GiB, total_gib=est["total_bytes"] / GiB,
                            counted="meta")
+                work = _work(cfg.replace(recompute=mode), backend) if backend == "fused" else None
                 if mode == "off":
-                    off_peak = est["step_peak_bytes"]
+                    off_peak, off_work = est["step_peak_bytes"], work
                 else:
                     row["reduction"] = off_peak / est["step_peak_bytes"]
+                    if work is not None:
+                        row.update(flops_ratio=work[0] / off_work[0], ops_ratio=work[1] / off_work[1])
                 if _fits(device, est["total_bytes"]):  # a real step on the GPU beside the count
                     row.update(_measure_real(cfg.replace(recompute=mode), backend, device))
                 rows.append(row)
