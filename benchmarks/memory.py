@@ -79,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"takes minutes on a CPU")
     g.add_argument("--memory-repeats", type=int, default=None,
                    help="timed meta-steps per mode (default 3 with --quick, else 6)")
+    g.add_argument("--memory-cpu-time", action="store_true",
+                   help="time with the process's CPU time on one thread instead of the wall clock: a rough "
+                        "figure that other processes on a shared machine disturb less (CPU only)")
     g.add_argument("--memory-torch-checkpoint", action="store_true",
                    help="also run the segments through torch.utils.checkpoint(use_reentrant=False) for comparison")
 
@@ -143,7 +146,12 @@ def _work(cfg, backend: str) -> tuple[int, int]:
     return flops.get_total_flops(), Ops.count
 
 
-def _time(cfg, device: torch.device, repeats: int, quick: bool) -> dict:
+def _time(cfg, device: torch.device, repeats: int, quick: bool, cpu_time: bool = False) -> dict:
+    """Median s/step per recompute mode, fused backend, timed in alternating rounds; with
+    ``cpu_time``: the process's CPU time on one thread, one step of each mode in turn."""
+    import statistics
+    import time
+
     from mamlpp_ext.model import MAMLPlusPlus
 
     fns = {}
@@ -151,9 +159,24 @@ def _time(cfg, device: torch.device, repeats: int, quick: bool) -> dict:
         learner = MAMLPlusPlus(cfg.replace(recompute=mode), backend="fused", device=device)
         batch = meta_step._batch(cfg, device, torch.float32)
         fns[mode] = (lambda L=learner, b=batch: L.meta_step(*b, epoch=0))
-    res = timing.interleaved_medians(fns, device, repeats=repeats, warmup=1, rounds=max(1, repeats // 2 if not quick
-                                                                                          else 1))
-    return {mode: r["median"] for mode, r in res.items()}
+    if not cpu_time:
+        res = timing.interleaved_medians(fns, device, repeats=repeats, warmup=1,
+                                         rounds=1 if quick else max(1, repeats // 2))
+        return {mode: r["median"] for mode, r in res.items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times: dict = {mode: [] for mode in fns}
+        for fn in fns.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for mode, fn in fns.items():
+                start = time.process_time()
+                fn()
+                times[mode].append(time.process_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {mode: statistics.median(v) for mode, v in times.items()}
 
 
 def run(args) -> list[dict]:
@@ -204,11 +227,13 @@ def run(args) -> list[dict]:
                     row.update(_measure_real(cfg.replace(recompute=mode), backend, device))
                 rows.append(row)
         if case in time_cases and "fused" in backends and mamlpp_ext.has_extension():
-            times = _time(cfg, device, repeats, args.quick)
+            cpu_time = getattr(args, "memory_cpu_time", False) and device.type == "cpu"
+            times = _time(cfg, device, repeats, args.quick, cpu_time)
             for r in rows:
                 if r["case"] == case and r["backend"] == "fused" and r["recompute"] in times:
                     r["median_s"] = times[r["recompute"]]
                     r["time_ratio"] = times[r["recompute"]] / times["off"]
+                    r["clock"] = "cpu time, 1 thread" if cpu_time else "wall"
 
     if device.type == "cpu":  # the method against a real CPU run, on a case that fits
         cfg = from_preset(AGREE_CASE)
