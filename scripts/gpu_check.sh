@@ -13,12 +13,15 @@
 # then the rest:
 # 6. calls the ops with bad arguments, one child process per call (scripts/probe_error_paths.py);
 # 7. runs the other CUDA tests, then the rest of the suite (pytest-xdist when installed);
-# 8. runs the other CUDA benchmarks (update, batch norm) into bench.json.
-# Writes at most 12 files into OUTDIR (default: $OUT, else ./gpu_out) and ends with a summary.
+# 8. runs the other CUDA benchmarks (update, batch norm) into bench.json;
+# 9. memory: the step peak per case, backend and recompute mode counted on the meta device, beside
+#    a real step on the GPU (the live-storage count and torch.cuda.max_memory_allocated) and the
+#    time with recompute off/steps/query (memory.json).
+# Writes at most 16 files into OUTDIR (default: $OUT, else ./gpu_out) and ends with a summary.
 # Budget: about 9-10 minutes on an H100 (each step has its own timeout); SKIP trims it.
 # Omniglot: set MAMLPP_OMNIGLOT_ROOT, or carry a copy in ./gpu_data/omniglot; a preprocessed
 # cache entry carried in ./gpu_data/omniglot_cache (meta.json + images-*.npy) saves decoding it.
-# SKIP="graph graph-bench train probe cuda-tests tests bench" skips steps by name.
+# SKIP="graph graph-bench train probe cuda-tests tests bench memory" skips steps by name.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUTDIR="${1:-${OUT:-$REPO/gpu_out}}"
@@ -169,6 +172,16 @@ if ! skipped bench; then
     > "$OUTDIR/bench.log" 2>&1
   rc=$?
   status bench "$([ $rc = 0 ] && echo ok || echo FAIL)" "bench.log / bench.json"
+fi
+
+# 9. memory per meta-step: the count (meta device) beside a real GPU step and the allocator's peak,
+#    and the cost of recomputation (ResNet-12 included: it fits this GPU without recomputation)
+if ! skipped memory; then
+  timeout 300 "$PY" "$REPO/benchmarks/memory.py" --device cuda --memory-backends fused,batched \
+    --memory-time-cases omniglot-5way-1shot,mini-imagenet-5way-1shot,mini-imagenet-5way-1shot-resnet12 \
+    --json "$OUTDIR/memory.json" > "$OUTDIR/memory.log" 2>&1
+  rc=$?
+  status memory "$([ $rc = 0 ] && echo ok || echo FAIL)" "memory.log / memory.json"
 fi
 
 echo; echo "== summary ($(( $(date +%s) - START )) s) =="

@@ -1,6 +1,6 @@
 """Worker launched by tests/test_distributed.py under torchrun (not a test module itself).
 
-    torchrun --standalone --nproc_per_node=P tests/dist_worker.py equivalence OUT.pt
+    torchrun --standalone --nproc_per_node=P tests/dist_worker.py equivalence OUT.pt [RECOMPUTE]
     torchrun --standalone --nproc_per_node=P tests/dist_worker.py fail ROOT RUN_DIR
     torchrun --standalone --nproc_per_node=P tests/dist_worker.py diverge ROOT RUN_DIR OUT_PREFIX
 """
@@ -21,12 +21,12 @@ COMBOS = [("batched", True), ("batched", False), ("fused", True), ("fused", Fals
 STEPS = 3
 
 
-def equivalence_config(second_order):
+def equivalence_config(second_order, recompute="off"):
     from mamlpp_ext.model.config import MAMLConfig
 
     return MAMLConfig(image_channels=1, image_height=16, image_width=16, num_filters=6, ways=3, shots=2, queries=2,
                       meta_batch=4, inner_steps=3, eval_inner_steps=3, msl_epochs=4, total_epochs=20, seed=0,
-                      second_order=second_order, first_order_to_second_order_epoch=-1)
+                      second_order=second_order, first_order_to_second_order_epoch=-1, recompute=recompute)
 
 
 def equivalence_batch(cfg, step):
@@ -43,8 +43,8 @@ def equivalence_batch(cfg, step):
     return sx, sy, qx, qy
 
 
-def run_steps(backend, second_order, rank=0, world=1):
-    cfg = equivalence_config(second_order)
+def run_steps(backend, second_order, rank=0, world=1, recompute="off"):
+    cfg = equivalence_config(second_order, recompute)
     learner = MAMLPlusPlus(cfg, backend=backend, dtype=torch.float64)
     if world > 1:
         learner.cross_process_mean = D.flat_mean_
@@ -55,7 +55,7 @@ def run_steps(backend, second_order, rank=0, world=1):
     return learner.state_dict()
 
 
-def equivalence(out_path):
+def equivalence(out_path, recompute="off"):
     import mamlpp_ext
 
     dist.init_process_group("gloo")
@@ -64,7 +64,7 @@ def equivalence(out_path):
     for backend, so in COMBOS:
         if backend == "fused" and not mamlpp_ext.has_extension():
             continue
-        states[f"{backend}-{so}"] = run_steps(backend, so, rank, world)
+        states[f"{backend}-{so}"] = run_steps(backend, so, rank, world, recompute)
     if rank == 0:
         torch.save(states, out_path)
     D.leave_process_group()
@@ -130,7 +130,7 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     mode = sys.argv[1]
     if mode == "equivalence":
-        equivalence(sys.argv[2])
+        equivalence(*sys.argv[2:4])
     elif mode == "fail":
         fail(sys.argv[2], sys.argv[3])
     elif mode == "diverge":

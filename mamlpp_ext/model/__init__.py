@@ -11,6 +11,10 @@
   graph) run;
 * :mod:`~mamlpp_ext.model.step` — the step: inner loop, meta-loss, outer update, behind the
   interface every execution mode calls (NOTE [Step interface]);
+* :mod:`~mamlpp_ext.model.recompute` — inner steps that keep only their inputs and rerun in the
+  outer backward (``MAMLConfig.recompute``, NOTE [Recomputed inner steps]);
+* :mod:`~mamlpp_ext.model.memory` — the step's memory: ``LiveBytes`` (a live-storage counter)
+  and ``estimate_peak_memory`` (a configuration's peak, counted without allocating it);
 * :mod:`~mamlpp_ext.model.meta_learner` — ``MAMLPlusPlus``: the learner's state and public API;
 * :mod:`~mamlpp_ext.model.graph` — graph mode (the step captured as CUDA graphs).
 

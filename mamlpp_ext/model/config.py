@@ -21,9 +21,16 @@ from typing import Any, Optional
 
 from .networks import NETWORKS
 
-__all__ = ["MAMLConfig", "from_preset", "preset_names", "default_augment", "BN_EVAL_STATS"]
+__all__ = ["MAMLConfig", "from_preset", "preset_names", "default_augment", "BN_EVAL_STATS", "RECOMPUTE_MODES"]
 
 BN_EVAL_STATS = ("batch", "running")
+
+#: ``MAMLConfig.recompute`` values (NOTE [Recomputed inner steps] in recompute.py, docs/memory.md):
+#: "off" keeps every inner step's graph until the outer backward; "steps" keeps only each step's
+#: inputs and recomputes the whole step (support and query) during the outer backward; "query"
+#: keeps the support part and recomputes only the query scores (less time, more memory than
+#: "steps"). All give the same results.
+RECOMPUTE_MODES = ("off", "steps", "query")
 
 
 def default_augment(dataset: str) -> bool:
@@ -71,6 +78,13 @@ class MAMLConfig:
     training task by a random multiple of 90°; None, the default, means the
     dataset's own setting: on for Omniglot, off for mini-ImageNet, as the public
     code, whose augmentation is tied to the dataset name containing "omniglot").
+
+    Memory: ``recompute`` ("off", "steps" or "query", ``RECOMPUTE_MODES``): "steps" keeps only
+    the inputs of each inner step (fast weights and batch) during the meta-loss and recomputes
+    the step in the outer backward; "query" recomputes only the query scores of the multi-step
+    loss. The same loss, meta-gradients and running statistics in a fraction of the memory, for
+    some more time (docs/memory.md). It changes how a step runs, not what it computes, so a
+    resumed run may switch it.
     """
 
     # --- task shape ---
@@ -111,6 +125,8 @@ class MAMLConfig:
     per_step_bn_statistics: bool = True
     per_step_bn_weights: bool = True
     bn_eval_stats: str = "batch"
+    # --- memory ---
+    recompute: str = "off"
     # --- evaluation protocol and reproducibility ---
     eval_tasks: int = 600
     ensemble_top_k: int = 5
@@ -175,6 +191,8 @@ class MAMLConfig:
             _bool(name)
         if self.bn_eval_stats not in BN_EVAL_STATS:
             raise ValueError(f"MAMLConfig.bn_eval_stats must be one of {BN_EVAL_STATS}, got {self.bn_eval_stats!r}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"MAMLConfig.recompute must be one of {RECOMPUTE_MODES}, got {self.recompute!r}")
         if not isinstance(self.network, str) or not (self.network in NETWORKS or self.network == "custom"
                                                      or _is_import_path(self.network)):
             raise ValueError(f"MAMLConfig.network must be one of {sorted(NETWORKS)}, 'custom' or an import path "

@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .recompute import recomputed
 from .schedules import EpochPlan
 
 __all__ = ["DivergenceError", "MetaStep", "OuterOptimizer", "task_losses"]
@@ -265,11 +266,12 @@ class MetaStep:
         """The meta-batch loss with its graph to the meta-parameters, on validated inputs; info as
         ``MAMLPlusPlus.meta_loss`` documents."""
         lrn = self.learner
+        recompute = lrn.config.recompute
 
         def task(sx, sy, qx, qy):
             return self.inner_loop(sx, sy, qx, qy, steps=lrn.config.inner_steps, create_graph=plan.second_order,
                                    weights=plan.loss_weights, score_every_step=plan.score_every_step,
-                                   training=True)[:2]
+                                   training=True, recompute=recompute)[:2]
 
         with torch.enable_grad():
             losses, q_logits = self.per_backend(task, sx, sy, qx, qy)
@@ -280,35 +282,42 @@ class MetaStep:
         return loss, info
 
     def batch_norm(self, num_tasks: int, step: int, training: bool, gammas: Sequence[Optional[Tensor]],
-                   betas: Sequence[Optional[Tensor]]):
+                   betas: Sequence[Optional[Tensor]], update_stats: Optional[bool] = None):
         """The network's ``bn(layer, h, negative_slope)`` for one forward at inner ``step``
         (NOTE [Rows beyond S] in meta_learner.py): the backend's batch-norm op with the layer's
         γ/β (rows or per-task fast weights), its (R_s, C) running statistics and row
-        ``min(step, R_s − 1)``. ``training``: batch statistics, updating the running statistics;
-        False: evaluation (NOTE [Evaluation and running statistics] in meta_learner.py)."""
+        ``min(step, R_s − 1)``. ``training``: batch statistics, updating the running statistics
+        unless ``update_stats`` is False (a recomputed forward, NOTE [Recomputed inner steps] in
+        recompute.py); False: evaluation (NOTE [Evaluation and running statistics] in
+        meta_learner.py)."""
         lrn = self.learner
         cfg = lrn.config
         fn = lrn.backend_impl.batch_norm
         layers, means, variances = lrn.bn_layers, lrn.running_mean, lrn.running_var
         row = min(step, cfg.inner_steps - 1) if cfg.per_step_bn_statistics else 0
         norm_with_batch = training or cfg.bn_eval_stats == "batch"
+        update = training if update_stats is None else (training and update_stats)
 
         def bn(i: int, h: Tensor, negative_slope: Optional[float]) -> Tensor:
             layer = layers[i]
             return fn(h, num_tasks, gammas[i], betas[i], means[i], variances[i], step=row, training=norm_with_batch,
-                      update_stats=training, momentum=layer.momentum, eps=layer.eps, negative_slope=negative_slope)
+                      update_stats=update, momentum=layer.momentum, eps=layer.eps, negative_slope=negative_slope)
         return bn
 
     def inner_loop(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor], *, steps: int,
-                   create_graph: bool, weights: Sequence[float], score_every_step: bool, training: bool):
+                   create_graph: bool, weights: Sequence[float], score_every_step: bool, training: bool,
+                   recompute: str = "off"):
         """Run ``steps`` inner updates on T tasks and score the query set.
 
         sx (T, B, C, H, W), sy (T, B); qx, qy likewise or None. ``weights``: per-step query-loss
         weights (length ``steps``); the query set is scored after every update when
         ``score_every_step`` (MSL), else after the last one only. ``training``: the meta-parameters
         are differentiated through and BN updates the running statistics; else the inner loop
-        starts from detached copies (evaluation). Returns (weighted query loss per task (T,) or
-        None, final query logits (T, Q, N) or None, fast weights (T, ...)).
+        starts from detached copies (evaluation). ``recompute`` (training only; a
+        ``MAMLConfig.recompute`` value): "steps" keeps only each step's inputs and reruns the step
+        in the outer backward, "query" does so for the query scores only (NOTE [Recomputed inner
+        steps] in recompute.py). Returns (weighted query loss per task (T,) or None, final query logits
+        (T, Q, N) or None, fast weights (T, ...)).
         """
         lrn = self.learner
         cfg = lrn.config
@@ -335,28 +344,85 @@ class MetaStep:
         w_rows = [None if t is None else t.unbind(0) for t in bn_w]
         b_rows = [None if t is None else t.unbind(0) for t in bn_b]
 
-        def run(x: Tensor, fast_w: list[Tensor], step: int) -> Tensor:
+        def rows(step: int) -> list[Optional[Tensor]]:
+            """BN γ rows then β rows of a forward at ``step`` (none with adapted affine)."""
+            if adapt_affine:
+                return []
+            r = min(step, n_w - 1)
+            return [None if t is None else t[r] for t in w_rows] + [None if t is None else t[r] for t in b_rows]
+
+        def run(x: Tensor, fast_w: Sequence[Tensor], step: int, affine: Sequence[Optional[Tensor]],
+                update_stats: bool = True) -> Tensor:
             if adapt_affine:
                 gammas, betas = fast_w[K::2], fast_w[K + 1::2]
+                fast_w = fast_w[:K]
             else:
-                r = min(step, n_w - 1)
-                gammas = [None if t is None else t[r] for t in w_rows]
-                betas = [None if t is None else t[r] for t in b_rows]
-            bn = self.batch_norm(T, step, training, gammas, betas)
-            return forward(x, fast_w[:K] if adapt_affine else fast_w, bn)
+                half = len(affine) // 2
+                gammas, betas = affine[:half], affine[half:]
+            bn = self.batch_norm(T, step, training, gammas, betas, update_stats)
+            return forward(x, fast_w, bn)
+
+        def update(fast_w: list[Tensor], step: int, affine, lrs: Tensor, create: bool,
+                   update_stats: bool = True) -> list[Tensor]:
+            s_loss = task_losses(run(sx, fast_w, step, affine, update_stats), sy)
+            grads = torch.autograd.grad(s_loss.sum(), fast_w, create_graph=create)
+            return backend.update(fast_w, grads, lrs, min(step, n_lr - 1))
+
+        def score(fast_w: Sequence[Tensor], step: int, affine, update_stats: bool = True):
+            q_logits = run(qx, fast_w, step, affine, update_stats)
+            return q_logits, (None if qy is None else weights[step] * task_losses(q_logits, qy))
 
         total = None
         q_logits = None
         for i in range(steps):
-            s_loss = task_losses(run(sx, fast, i), sy)
-            grads = torch.autograd.grad(s_loss.sum(), fast, create_graph=create_graph)
-            fast = backend.update(fast, grads, lslr, min(i, n_lr - 1))
-            if qx is not None and (score_every_step or i == steps - 1):
-                q_logits = run(qx, fast, i)
-                if qy is not None:
-                    term = weights[i] * task_losses(q_logits, qy)
-                    total = term if total is None else total + term
+            affine = rows(i)
+            scored = qx is not None and (score_every_step or i == steps - 1)
+            if training and recompute == "steps":
+                fast = self._recomputed_update(update, fast, lslr, affine, i, create_graph)
+            else:
+                fast = update(fast, i, affine, lslr, create_graph)
+            term = None
+            if scored and training and recompute != "off":
+                term, q_logits = self._recomputed_score(score, fast, affine, i)
+            elif scored:
+                q_logits, term = score(fast, i, affine)
+            if scored and term is not None:
+                total = term if total is None else total + term
         return total, q_logits, fast
+
+    @staticmethod
+    def _recomputed_update(update: Callable, fast: list[Tensor], lslr: Tensor, affine: list, step: int,
+                           create_graph: bool) -> list[Tensor]:
+        """θᵢ₊₁ of ``update`` as a recomputed segment: (θᵢ, rates, γ/β rows) saved, the step rerun
+        in the backward (NOTE [Recomputed inner steps] in recompute.py)."""
+        k, a = len(fast), len(affine)
+
+        def first_pass(inputs):
+            with torch.enable_grad():  # the inner gradient, first order: no graph is kept
+                leaves = [t.detach().requires_grad_() for t in inputs[:k]]
+                aff = [None if t is None else t.detach() for t in inputs[k + 1:]]
+                return [t.detach() for t in update(leaves, step, aff, inputs[k].detach(), False)]
+
+        def replay(leaves):
+            fast_w = [t if t.requires_grad else t.requires_grad_() for t in leaves[:k]]
+            return update(fast_w, step, leaves[k + 1:k + 1 + a], leaves[k], create_graph, update_stats=False)
+
+        return list(recomputed(first_pass, replay, [*fast, lslr, *affine]))
+
+    @staticmethod
+    def _recomputed_score(score: Callable, fast: list[Tensor], affine: list, step: int) -> tuple[Tensor, Tensor]:
+        """(weighted query loss (T,), logits) of ``score`` as a recomputed segment."""
+        k = len(fast)
+
+        def first_pass(inputs):
+            q_logits, term = score(inputs[:k], step, inputs[k:])
+            return term, q_logits
+
+        def replay(leaves):
+            q_logits, term = score(leaves[:k], step, leaves[k:], update_stats=False)
+            return term, q_logits
+
+        return recomputed(first_pass, replay, [*fast, *affine], non_differentiable=(1,))
 
     def per_backend(self, fn: Callable, *tensors: Optional[Tensor]) -> list:
         """``fn(*tensors)`` on all tasks at once, or task by task (T = 1 slices) for a per-task

@@ -20,6 +20,7 @@ import torch
 
 from .. import data as data_registry
 from ..model import BACKENDS, MAMLConfig, from_preset, preset_names
+from ..model.config import RECOMPUTE_MODES
 from ..model.networks import NETWORKS
 from . import checkpoints as ckp
 from . import distributed as D
@@ -132,6 +133,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", choices=("auto", "on", "off"), default="off",
                    help="CUDA-graph mode: capture the meta-step once and replay it (auto: on for CUDA with the "
                         "batched or fused backend). Default off until a GPU run has validated it (docs/graph_mode.md)")
+    p.add_argument("--recompute", choices=RECOMPUTE_MODES,
+                   help="memory mode (config recompute): 'steps' keeps only each inner step's inputs and recomputes "
+                        "the step in the outer backward; 'query' recomputes only the query scores. Same results, "
+                        "several times less memory, more time; may be changed on --resume (default: the config's, "
+                        "'off'; docs/memory.md)")
+    p.add_argument("--estimate-memory", action="store_true",
+                   help="print the estimated memory of one meta-step of this configuration (with and without "
+                        "--recompute, counted without allocating it) and exit")
     p.add_argument("--seed", type=int, help="seed of the initial weights and the training task stream")
     p.add_argument("--epochs", type=int, help="total epochs (config total_epochs; the CA schedule spans them)")
     p.add_argument("--iters-per-epoch", type=int, help="meta-steps per epoch (config iterations_per_epoch)")
@@ -169,6 +178,26 @@ def make_parser() -> argparse.ArgumentParser:
                    help="under torchrun: how long a process waits in a collective for the others before "
                         "the job fails (default 1800)")
     return p
+
+
+def print_memory_estimate(config: MAMLConfig, backend: Optional[str], device: str) -> int:
+    """``--estimate-memory``: the step memory of ``config`` with the backend the run would use,
+    with and without recomputation (``model.memory.estimate_peak_memory``), on stdout."""
+    from ..model import resolve_execution
+    from ..model.memory import estimate_peak_memory, format_bytes
+    from .trainer import check_device
+
+    name = resolve_execution(check_device(device), config.dataset, backend).backend
+    print(f"mamlpp-train: estimated memory of one meta-step ({config.ways}-way {config.shots}-shot, "
+          f"{config.meta_batch} tasks, {config.inner_steps} inner steps, network {config.network}, backend {name}, "
+          f"float32; counted on the meta device, kernel workspaces not included):")
+    for mode in RECOMPUTE_MODES:
+        est = estimate_peak_memory(config, backend=name, recompute=mode)
+        mark = "  <- this run" if mode == config.recompute else ""
+        print(f"  recompute={mode:<6} step peak {format_bytes(est['step_peak_bytes']):>10}   + state "
+              f"{format_bytes(est['resident_bytes'])} + batch {format_bytes(est['batch_bytes'])} = "
+              f"{format_bytes(est['total_bytes'])}{mark}")
+    return 0
 
 
 def import_from_cwd() -> None:
@@ -222,20 +251,29 @@ def main(argv: Optional[list[str]] = None) -> int:
                 else:
                     sets = {k.strip(): parse_value(v) for k, _, v in (s.partition("=") for s in args.set) if _}
                     asked = config.replace(**{k: v for k, v in {**asked_fields, **sets}.items() if v is not None})
-                diff = sorted(k for k, v in asked.to_dict().items() if config.to_dict()[k] != v)
+                # recompute changes how a step runs, not its results: a resumed run may switch it
+                if asked.recompute != config.recompute and args.recompute is None:
+                    args.recompute = asked.recompute
+                diff = sorted(k for k, v in asked.to_dict().items() if config.to_dict()[k] != v and k != "recompute")
                 if diff:
                     raise ValueError(f"--resume continues the stored config; these settings differ from it: {diff}")
+            if args.estimate_memory:
+                return print_memory_estimate(config.replace(recompute=args.recompute or config.recompute),
+                                             args.backend or stored.get("backend"), args.device)
             data = stored_data_options(stored["data"], args.dataset_root)
             data.num_workers = args.workers
             trainer = Trainer(None, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
                               tensorboard=not args.no_tensorboard, resume=ckpt_path,
-                              graph=GRAPH_MODES[args.graph], break_lock=args.break_lock)
+                              graph=GRAPH_MODES[args.graph], break_lock=args.break_lock,
+                              recompute=args.recompute)
         else:
             config = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
                                   total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
-                                  eval_tasks=args.eval_tasks, network=args.network)
+                                  eval_tasks=args.eval_tasks, network=args.network, recompute=args.recompute)
+            if args.estimate_memory:
+                return print_memory_estimate(config, args.backend, args.device)
             run_dir = Path(args.run_dir or Path("runs") / f"{args.preset or 'custom'}-seed{config.seed}")
             trainer = Trainer(config, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,

@@ -169,6 +169,9 @@ class Trainer:
             model/graph.py).
         break_lock: take over a run-folder lock left by a process of another host (NOTE [Run
             folder lock] in runlock.py).
+        recompute: None (the config's, or the checkpoint's when resuming) or a
+            ``MAMLConfig.recompute`` value that replaces it — also when resuming: recomputation
+            changes the memory and time of a step, not its results (docs/memory.md).
         log: where one-line notes go (stderr).
 
     The run folder's lock is taken here (by the process that writes files) and held until
@@ -182,6 +185,7 @@ class Trainer:
                  eval_batch_size: Optional[int] = None, log_every: int = 50, progress: bool = True,
                  tensorboard: bool = True, resume: bool | str | os.PathLike = False,
                  handle_signals: bool = True, strategy=None, graph: bool | str = False, break_lock: bool = False,
+                 recompute: Optional[str] = None,
                  log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
         self.strategy = strategy if strategy is not None else SingleProcess()
         if not self.strategy.is_main:
@@ -198,7 +202,7 @@ class Trainer:
             self._lock.acquire()
         try:
             self._setup(config, backend, device, data, pools, keep_top_k, eval_batch_size, log_every, progress,
-                        tensorboard, resume, handle_signals, graph)
+                        tensorboard, resume, handle_signals, graph, recompute)
         except BaseException:
             self.close()
             if created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
@@ -206,7 +210,7 @@ class Trainer:
             raise
 
     def _setup(self, config, backend, device, data, pools, keep_top_k, eval_batch_size, log_every, progress,
-               tensorboard, resume, handle_signals, graph) -> None:
+               tensorboard, resume, handle_signals, graph, recompute) -> None:
         ckpt, source_run = None, None
         if resume:
             path = self.latest_path if resume is True else Path(resume)
@@ -228,6 +232,8 @@ class Trainer:
                                   f"continue it or choose another --run-dir")
         if not isinstance(config, MAMLConfig):
             raise TypeError(f"config must be a MAMLConfig, got {type(config).__name__}")
+        if recompute is not None and recompute != config.recompute:
+            config = config.replace(recompute=recompute)
         self.config = config
         self.data = data or DataOptions()
         self.device = check_device(device)
