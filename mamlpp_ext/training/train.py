@@ -27,7 +27,7 @@ from .trainer import Trainer, TrainingInterrupted, describe_device
 
 __all__ = ["GRAPH_MODES", "build_config", "main", "make_parser", "parse_value"]
 
-#: --graph choices -> the learner's ``graph`` argument
+#: --graph (and --compile) choices -> the learner's ``graph`` (``compile``) argument
 GRAPH_MODES = {"auto": "auto", "on": True, "off": False}
 
 
@@ -127,6 +127,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", choices=("auto", "on", "off"), default="off",
                    help="CUDA-graph mode: capture the meta-step once and replay it (auto: on for CUDA with the "
                         "batched or fused backend). Default off until a GPU run has validated it (docs/graph_mode.md)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="off",
+                   help="compiled training step: its forward and backward traced and compiled by inductor once per "
+                        "step shape (minutes the first time, seconds from inductor's cache later; auto: where it can "
+                        "run). Default off until a GPU run shows it wins (docs/compiled_step.md)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and the training task stream")
     p.add_argument("--epochs", type=int, help="total epochs (config total_epochs; the CA schedule spans them)")
     p.add_argument("--iters-per-epoch", type=int, help="meta-steps per epoch (config iterations_per_epoch)")
@@ -220,7 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
                               tensorboard=not args.no_tensorboard, resume=ckpt_path,
-                              graph=GRAPH_MODES[args.graph])
+                              graph=GRAPH_MODES[args.graph], compile=GRAPH_MODES[args.compile])
         else:
             config = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
                                   total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
@@ -229,7 +233,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             trainer = Trainer(config, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
-                              tensorboard=not args.no_tensorboard, graph=GRAPH_MODES[args.graph])
+                              tensorboard=not args.no_tensorboard, graph=GRAPH_MODES[args.graph],
+                              compile=GRAPH_MODES[args.compile])
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, data_registry.DataError) as exc:
         parser.error(str(exc))
     if trainer.is_main:

@@ -88,17 +88,23 @@ class TrainingInterrupted(Exception):
 
 
 def resolve_run_execution(device: torch.device, dataset: str, backend: Optional[str], graph: bool | str,
-                          stored_backend: Optional[str] = None) -> Execution:
-    """``model.resolve_execution`` for a run, with the command-line flag (``--backend`` or
-    ``--graph``) named in its errors."""
+                          stored_backend: Optional[str] = None, compile: bool | str = False,
+                          recompute: str = "off") -> Execution:
+    """``model.resolve_execution`` for a run, with the command-line flag (``--backend``,
+    ``--graph`` or ``--compile``) named in its errors."""
     try:
         resolve_execution(device, dataset, backend, False, stored_backend=stored_backend)
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"--backend: {exc}") from None
     try:
-        return resolve_execution(device, dataset, backend, graph, stored_backend=stored_backend)
+        resolve_execution(device, dataset, backend, graph, stored_backend=stored_backend)
     except ValueError as exc:
         raise ValueError(f"--graph: {exc}") from None
+    try:
+        return resolve_execution(device, dataset, backend, graph, stored_backend=stored_backend, compile=compile,
+                                 recompute=recompute)
+    except ValueError as exc:
+        raise ValueError(f"--compile: {exc}") from None
 
 
 class Trainer:
@@ -122,6 +128,8 @@ class Trainer:
             ``SingleProcess()``.
         graph: CUDA-graph mode of the learner (False, True or "auto"; NOTE [Graph mode] in
             model/graph.py).
+        compile: the learner's compiled training step (False, True or "auto"; NOTE [Compiled
+            step] in model/compiled.py).
     """
 
     def __init__(self, config: Optional[MAMLConfig], run_dir: str | os.PathLike, *, backend: Optional[str] = None,
@@ -129,7 +137,8 @@ class Trainer:
                  pools: Optional[dict] = None, keep_top_k: Optional[int] = None,
                  eval_batch_size: Optional[int] = None, log_every: int = 50, progress: bool = True,
                  tensorboard: bool = True, resume: bool | str | os.PathLike = False,
-                 handle_signals: bool = True, strategy=None, graph: bool | str = False) -> None:
+                 handle_signals: bool = True, strategy=None, graph: bool | str = False,
+                 compile: bool | str = False) -> None:
         self.strategy = strategy if strategy is not None else SingleProcess()
         if not self.strategy.is_main:
             progress = False
@@ -154,7 +163,8 @@ class Trainer:
         self.data = data or DataOptions()
         self.device = check_device(device)
         self.execution = resolve_run_execution(self.device, config.dataset, backend, graph,
-                                               stored_backend=ckpt["backend"] if ckpt is not None else None)
+                                               stored_backend=ckpt["backend"] if ckpt is not None else None,
+                                               compile=compile, recompute=getattr(config, "recompute", "off"))
         self.backend = self.execution.backend
         self.keep_top_k = config.ensemble_top_k if keep_top_k is None else int(keep_top_k)
         if self.keep_top_k < 1:
@@ -172,7 +182,8 @@ class Trainer:
                              f"of processes")
         if self.strategy.is_main:
             report_notes(self.execution.notes)
-        self.learner = MAMLPlusPlus(config, backend=self.backend, device=self.device, graph=self.execution.graph)
+        self.learner = MAMLPlusPlus(config, backend=self.backend, device=self.device, graph=self.execution.graph,
+                                    compile=self.execution.compiled)
         self.pools = pools if pools is not None else load_pools(config, self.data)
         for name in ("train", "val"):
             if name not in self.pools:
