@@ -1,8 +1,12 @@
 # Two commands set up everything on a fresh machine:
 #   make bench   - create .venv, install torch + deps, build the extension, run the benchmarks
+#                  (every section, short: fewer repeats, the two Omniglot meta-step cases, no
+#                  256x56x56 batch-norm shape; a few minutes on a 2-core CPU)
 #   make test    - same set-up, then the test suite
-# Other targets: make venv | build | lint | clean. Variables: PYTHON, VENV, TORCH_SPEC, MAX_JOBS,
-# BENCH_ARGS (passed to benchmarks/inner_loop.py), PYTEST_ARGS.
+# Other targets: make bench-all (every section at full size and repeats: ~14 minutes on a 2-core
+# CPU) | venv | build | lint | clean. Variables: PYTHON, VENV, TORCH_SPEC, MAX_JOBS, BENCH_ARGS
+# (passed to benchmarks/inner_loop.py by `make bench`), BENCH_ALL_ARGS (by `make bench-all`),
+# PYTEST_ARGS.
 # The extension is compiled only when a file under csrc/, setup.py or pyproject.toml changed
 # since the last build (or the compiled module is missing): `make bench` right after `make test`
 # does not compile again.
@@ -13,7 +17,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEPS ?= numpy pillow tqdm matplotlib pyyaml pytest expecttest hypothesis ruff
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-BENCH_ARGS ?=
+BENCH_ARGS ?= --quick --bn-no-large
+BENCH_ALL_ARGS ?=
 PYTEST_ARGS ?= -q
 
 # What the compiled extension is built from; the stamp records the last successful build.
@@ -25,7 +30,7 @@ ifeq ($(wildcard mamlpp_ext/_C*.so),)
 $(shell rm -f $(EXT_STAMP))
 endif
 
-.PHONY: venv build test lint bench clean
+.PHONY: venv build test lint bench bench-all clean
 
 venv: $(VENV)/.deps-installed
 
@@ -54,6 +59,9 @@ lint: venv
 
 bench: build
 	$(PY) benchmarks/inner_loop.py $(BENCH_ARGS)
+
+bench-all: build
+	$(PY) benchmarks/inner_loop.py $(BENCH_ALL_ARGS)
 
 clean:
 	rm -rf build *.egg-info mamlpp_ext/_C*.so

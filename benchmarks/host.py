@@ -7,6 +7,7 @@ independent and run anywhere:
 * ``ops``: ATen/custom ops dispatched per meta-step (forward, inner gradients, outer backward,
   Adam), counted by a ``TorchDispatchMode`` below autograd; ``compute_ops``: those that are not
   views (on a GPU each is about one kernel launch); ``custom_ops``: calls of mamlpp_ext ops;
+  ``conv_ops``: convolution ops (ATen's or ours); each is one convolution call on the device;
 * ``py_calls``: Python function calls per meta-step (cProfile);
 * ``host_ms``: median milliseconds per meta-step with the same op structure on tensors too small
   for the arithmetic to matter (4 filters, 16×16 images, one thread) — a CPU proxy of the host
@@ -14,6 +15,8 @@ independent and run anywhere:
   convolution, so this is an upper bound of the Python + dispatch cost.)
 
 Cases: Omniglot 5-way 1-shot and 20-way 1-shot (meta-batch 8, 5 steps, second order, MSL), epoch 0.
+``--tasks 2,8,32`` counts (no host time) at those meta-batch sizes instead: how the ops, and the
+convolutions, of a meta-step grow with the number of tasks T.
 Run through ``benchmarks/inner_loop.py --what host`` or directly.
 """
 
@@ -29,9 +32,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import meta_step  # benchmarks/ is on sys.path when run as a script or through inner_loop.py
 import timing
 
-COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("ops", "ops/step", "d"),
-           ("compute_ops", "compute ops", "d"), ("custom_ops", "custom ops", "d"), ("py_calls", "Python calls", "d"),
-           ("host_ms", "host-proxy ms", ".1f")]
+COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("T", "T", "d"), ("ops", "ops/step", "d"),
+           ("compute_ops", "compute ops", "d"), ("conv_ops", "conv ops", "d"), ("custom_ops", "custom ops", "d"),
+           ("py_calls", "Python calls", "d"), ("host_ms", "host-proxy ms", ".1f")]
 
 CASES = [("omniglot 5-way 1-shot", "omniglot-5way-1shot"), ("omniglot 20-way 1-shot", "omniglot-20way-1shot")]
 
@@ -41,7 +44,7 @@ class OpCounter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.ops = self.compute = self.custom = 0
+        self.ops = self.compute = self.custom = self.conv = 0
         self.by_name: dict[str, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -51,6 +54,8 @@ class OpCounter(TorchDispatchMode):
         name = str(func.overloadpacket)
         if name.startswith("mamlpp_ext"):
             self.custom += 1
+        if "conv" in name:
+            self.conv += 1
         self.by_name[name] = self.by_name.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
@@ -70,7 +75,7 @@ def count_step(learner, batch) -> dict:
     learner.meta_step(*batch, epoch=0)
     prof.disable()
     top = sorted(counter.by_name.items(), key=lambda kv: -kv[1])[:12]
-    return dict(ops=counter.ops, compute_ops=counter.compute, custom_ops=counter.custom,
+    return dict(ops=counter.ops, compute_ops=counter.compute, conv_ops=counter.conv, custom_ops=counter.custom,
                 py_calls=pstats.Stats(prof).total_calls, top_ops=top)
 
 
@@ -79,18 +84,26 @@ def run(args) -> list[dict]:
     from mamlpp_ext.model import BACKENDS, MAMLPlusPlus, from_preset
 
     repeats = 5 if args.quick else 20
+    tasks = [int(t) for t in str(getattr(args, "tasks", "") or "").split(",") if t]
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for case, preset in CASES:
             for backend in BACKENDS:
-                row = dict(section="host", case=case, backend=backend, ops=None, compute_ops=None, custom_ops=None,
-                           py_calls=None, host_ms=None)
+                row = dict(section="host", case=case, backend=backend, ops=None, compute_ops=None, conv_ops=None,
+                           custom_ops=None, py_calls=None, host_ms=None)
                 if BACKENDS[backend].needs_extension and not mamlpp_ext.has_extension():
                     rows.append(row)
                     continue
                 cfg = from_preset(preset)
+                if tasks:  # counts only, per meta-batch size
+                    for T in tasks:
+                        cfg_t = cfg.replace(meta_batch=T)
+                        rows.append(dict(row, T=T, **count_step(MAMLPlusPlus(cfg_t, backend=backend),
+                                                                 _batch(cfg_t))))
+                    continue
+                row["T"] = cfg.meta_batch
                 row.update(count_step(MAMLPlusPlus(cfg, backend=backend), _batch(cfg)))
                 tiny = cfg.replace(num_filters=4, image_height=16, image_width=16)
                 learner, batch = MAMLPlusPlus(tiny, backend=backend), _batch(tiny)
@@ -107,6 +120,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--top", action="store_true", help="also print the most frequent ops per case")
+    p.add_argument("--tasks", default="", metavar="T1,T2,...",
+                   help="count ops (no host time) at these meta-batch sizes, e.g. 2,8,32")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     rows = run(args)

@@ -6,6 +6,7 @@
     python benchmarks/inner_loop.py --what meta-step      # one MAML++ meta-step per backend
     python benchmarks/inner_loop.py --what host           # ops, Python calls, host time per meta-step
     python benchmarks/inner_loop.py --what sampling       # episode sampling per meta-batch
+    python benchmarks/inner_loop.py --what task-conv      # task-batched conv vs ATen's grouped conv
     python benchmarks/inner_loop.py --quick --json out.json
 
 Each section warms up, takes medians of many runs (CUDA timed with events), prints a table and
@@ -28,7 +29,7 @@ import timing  # noqa: E402
 
 # section name -> module in benchmarks/ exposing add_arguments(parser), run(args) -> rows, COLUMNS
 SECTIONS = {"update": "update", "batchnorm": "batchnorm", "meta-step": "meta_step", "sampling": "sampling",
-            "host": "host"}
+            "host": "host", "task-conv": "task_conv"}
 
 
 def _load(name: str):

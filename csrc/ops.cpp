@@ -1,5 +1,6 @@
 // Every operator schema of mamlpp_ext, in one TORCH_LIBRARY block, with its semantics.
-// Kernels live per device (csrc/cpu, csrc/cuda) and register in TORCH_LIBRARY_IMPL blocks there;
+// Kernels live per device (csrc/cpu, csrc/cuda; device-agnostic ones in csrc/*.cpp, registered from
+// the device folders) and register in TORCH_LIBRARY_IMPL blocks there;
 // fake kernels are registered from Python (mamlpp_ext/ops/); autograd kernels in C++ at the
 // Autograd key (csrc/autograd/; the LSLR family's in lslr_autograd.cpp) or from Python
 // (mamlpp_ext/ops/); the pure-PyTorch twin of each op is in mamlpp_ext/ops/reference.py.
@@ -103,6 +104,31 @@ TORCH_LIBRARY(mamlpp_ext, m) {
       "Tensor? grad_grad_bias, Tensor grad_out, Tensor input, Tensor? weight, Tensor? out, "
       "Tensor mean, Tensor var, int tasks, int step, bool training, float eps, "
       "float negative_slope) -> (Tensor, Tensor, Tensor)");
+  // ---- Task-batched convolution (NOTE [Task-batched convolution] in include/mamlpp/task_conv.h):
+  // T tasks' 2-D convolutions as one grouped convolution (T*groups groups) over the task-major
+  // layout. Kernels: one device-agnostic implementation (csrc/task_conv.cpp) registered for CPU
+  // and CUDA; autograd: csrc/autograd/task_conv_autograd.cpp; twin: reference.task_conv.
+  //
+  // task_conv: input (N, T*C_in, H, W), channel t*C_in + c = channel c of task t; weight
+  //   (T, C_out, C_in/groups, kh, kw); bias (T, C_out) or None; one dtype (float32/64, float16,
+  //   bfloat16) and one device. stride >= 1, padding >= 0, dilation >= 1 (one int or a
+  //   (height, width) pair), groups >= 1 dividing C_out: the layer's own, as in F.conv2d.
+  //   Returns (N, T*C_out, H', W') in input's suggested memory format: output channel
+  //   t*C_out + o is F.conv2d(task t's channels, weight[t], bias[t], ...)'s channel o.
+  //   Differentiable w.r.t. input, weight and bias to any order; every order is grouped
+  //   convolution calls of these two ops (no loop over tasks or groups).
+  m.def(
+      "task_conv(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, "
+      "int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor");
+  // _task_conv_backward: (grad_input, grad_weight, grad_bias) of task_conv for grad_out (its
+  //   output's shape), shaped like input, weight and (T, C_out); output i is computed when
+  //   output_mask[i], else None. grad_input reads only input's shape (and grad_out, weight),
+  //   grad_weight only weight's shape (and grad_out, input). Differentiable w.r.t. grad_out,
+  //   input and weight to any order, by task_conv and _task_conv_backward again.
+  m.def(
+      "_task_conv_backward(Tensor grad_out, Tensor input, Tensor weight, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool[3] output_mask) -> "
+      "(Tensor, Tensor, Tensor)");
   // _cuda_version: CUDA runtime version of the compiled CUDA kernels, -1 when built without.
   m.def("_cuda_version() -> int", &mamlpp::cuda_version);
 }

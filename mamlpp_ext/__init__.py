@@ -3,8 +3,9 @@
 The package has four layers; imports point down only (application → model → ops; data stands
 beside the model and is used by the application):
 
-* :mod:`mamlpp_ext.ops` — the compiled operators (``lslr_update``, ``task_batch_norm``), their
-  fake kernels and autograd, and their pure-PyTorch twins (``ops.reference``);
+* :mod:`mamlpp_ext.ops` — the compiled operators (``lslr_update``, ``task_batch_norm``,
+  ``task_conv2d``), their fake kernels and autograd, and their pure-PyTorch twins
+  (``ops.reference``);
 * :mod:`mamlpp_ext.model` — ``MAMLConfig`` and the presets, the MAML++ schedules, task-batched
   networks (the VGG net of the paper, or any ``nn.Sequential`` of standard layers) and the
   ``MAMLPlusPlus`` meta-learner with its backends;

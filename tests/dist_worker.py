@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node=P tests/dist_worker.py equivalence OUT.pt
     torchrun --standalone --nproc_per_node=P tests/dist_worker.py fail ROOT RUN_DIR
+    torchrun --standalone --nproc_per_node=P tests/dist_worker.py diverge ROOT RUN_DIR OUT_PREFIX
 """
 
 import os
@@ -93,6 +94,38 @@ def fail(root, run_dir):
     trainer.fit()
 
 
+def diverge(root, run_dir, out_prefix):
+    """Rank 1 alone gets NaN images in the 6th meta-step: every rank must stop at that step with
+    the same learner state (the state after 5 steps); each rank saves what it saw."""
+    from mamlpp_ext.model.config import MAMLConfig
+    from mamlpp_ext.training import run_data as RD
+    from mamlpp_ext.training.trainer import Trainer, TrainingDiverged
+
+    dist.init_process_group("gloo", timeout=__import__("datetime").timedelta(seconds=120))
+    rank = dist.get_rank()
+    cfg = MAMLConfig(ways=3, shots=1, queries=1, meta_batch=2, num_stages=2, num_filters=4, inner_steps=2,
+                     eval_inner_steps=2, total_epochs=3, iterations_per_epoch=4, eval_tasks=4, msl_epochs=2)
+    data = RD.DataOptions(root=root, split="lake", lake_val_alphabets=1, check_counts=False)
+    trainer = Trainer(cfg, run_dir, backend="batched", data=data, progress=False, tensorboard=False, log_every=0,
+                      strategy=D.DistributedStrategy(), handle_signals=False)
+    real = trainer.learner.train_step
+
+    def poisoned(sx, sy, qx, qy, epoch):
+        if rank == 1 and trainer.iteration == 5:
+            sx = torch.full_like(sx, float("nan"))
+        return real(sx, sy, qx, qy, epoch=epoch)
+
+    trainer.learner.train_step = poisoned
+    out = {"rank": rank}
+    try:
+        trainer.fit()
+    except TrainingDiverged as exc:
+        out.update(iteration=exc.iteration, epoch=exc.epoch)
+    out["state"] = [t.detach().clone() for t in trainer.learner.parameters() + trainer.learner.running_stats]
+    torch.save(out, f"{out_prefix}.{rank}.pt")
+    D.leave_process_group()
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     mode = sys.argv[1]
@@ -100,5 +133,7 @@ if __name__ == "__main__":
         equivalence(sys.argv[2])
     elif mode == "fail":
         fail(sys.argv[2], sys.argv[3])
+    elif mode == "diverge":
+        diverge(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         raise SystemExit(f"unknown mode {mode!r}")

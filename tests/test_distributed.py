@@ -134,7 +134,7 @@ def test_cli_resume_across_process_counts(tmp_path, fake_root):
     # rank 0 alone wrote the logs: one row per epoch, validation on all 6 tasks
     rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in rows if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [0, 1] and all(r["val_num_tasks"] == 6 for r in epochs)
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(r["val_num_tasks"] == 6 for r in epochs)
     ref_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     ref_epochs = [r for r in ref_rows if r["kind"] == "epoch"]
     for r, e in zip(epochs, ref_epochs):
@@ -172,3 +172,24 @@ def test_failing_process_ends_the_job(tmp_path, fake_root):
     proc = torchrun(2, str(HERE / "dist_worker.py"), "fail", str(fake_root), str(tmp_path / "run"), timeout=240)
     assert proc.returncode != 0
     assert "injected failure on rank 1" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Divergence: every process takes the same decision
+# ---------------------------------------------------------------------------------------------
+
+def test_a_nan_on_one_process_stops_every_process_at_the_same_step(tmp_path, fake_root):
+    """NOTE [Divergence guard]: the check runs on the averaged gradients and loss, so a NaN in
+    rank 1's share of a meta-batch is seen by both ranks, which drop the same step, keep the same
+    state and stop together (exit code of the job: each rank returned after TrainingDiverged)."""
+    out = tmp_path / "seen"
+    _check(torchrun(2, str(HERE / "dist_worker.py"), "diverge", str(fake_root), str(tmp_path / "run"), str(out),
+                    timeout=240))
+    a, b = (torch.load(f"{out}.{r}.pt", weights_only=True) for r in (0, 1))
+    assert (a["iteration"], a["epoch"]) == (b["iteration"], b["epoch"]) == (6, 2)
+    for x, y in zip(a["state"], b["state"]):
+        assert torch.equal(x, y) and torch.isfinite(x).all()
+    latest = ckp.load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert latest["iteration"] == 4  # the last good checkpoint: the end of epoch 1
+    for x, y in zip(latest["learner"]["theta"], a["state"]):
+        assert not torch.equal(x, y)  # steps 5 went on after it; the state is the one before step 6

@@ -83,12 +83,12 @@ def test_short_run_writes_metrics_and_checkpoints(tmp_path, fake_root):
     tr = _trainer(run, fake_root, keep_top_k=2, log_every=2)
     before = [t.clone() for t in tr.learner.theta]
     row = tr.fit()
-    assert row["epoch"] == 2 and row["iteration"] == 12
+    assert row["epoch"] == 3 and row["iteration"] == 12  # epochs count from 1 in what a user reads
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.learner.theta))  # it trained
 
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert [int(r["iteration"]) for r in rows] == [4, 8, 12]
     for r in rows:
         assert 0.0 <= float(r["val_accuracy"]) <= 1.0 and float(r["val_ci95"]) >= 0.0
@@ -105,7 +105,7 @@ def test_short_run_writes_metrics_and_checkpoints(tmp_path, fake_root):
     lslr = torch.tensor(epoch_recs[-1]["lslr"])
     assert lslr.shape == tr.learner.lslr.shape and torch.equal(lslr, tr.learner.lslr.detach())
     assert len(epoch_recs[-1]["lslr_names"]) == lslr.shape[0]
-    # MSL weights: epoch 0 uniform, epoch 2 >= msl_epochs -> final step only
+    # MSL weights: the first epoch uniform, the third (index 2 >= msl_epochs) final step only
     assert epoch_recs[0]["msl_weights"] == pytest.approx([0.5, 0.5])
     assert epoch_recs[2]["msl_weights"] == [0.0, 1.0]
 
@@ -129,11 +129,11 @@ def test_top_k_retention_keeps_the_k_best(tmp_path, fake_root, monkeypatch):
     monkeypatch.setattr(tr, "validate", lambda: {"accuracy": next(accs), "ci95": 0.0, "loss": 1.0, "num_tasks": 6})
     tr.fit()
     ck = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in ck.glob("epoch-*.pt")) == ["epoch-0001.pt", "epoch-0003.pt"]
+    assert sorted(p.name for p in ck.glob("epoch-*.pt")) == ["epoch-0002.pt", "epoch-0004.pt"]
     best = json.loads((ck / "best.json").read_text())
-    assert [(b["epoch"], b["val_accuracy"]) for b in best] == [(3, 0.9), (1, 0.7)]
-    # the kept epoch checkpoint holds that epoch's state
-    assert ckp.load_checkpoint(ck / "epoch-0003.pt")["iteration"] == 4
+    assert [(b["epoch"], b["val_accuracy"]) for b in best] == [(4, 0.9), (2, 0.7)]
+    # the kept epoch checkpoint holds that epoch's state: epoch-0004.pt after the fourth epoch
+    assert ckp.load_checkpoint(ck / "epoch-0004.pt")["iteration"] == 4
 
 
 def test_run_dir_with_checkpoint_needs_resume(tmp_path, fake_root):
@@ -294,7 +294,7 @@ def test_sigterm_saves_a_checkpoint(tmp_path, fake_root):
     ck = ckp.load_checkpoint(run / "checkpoints" / "latest.pt")
     assert ck["interrupted"] and ck["iteration"] >= 3
     last = json.loads(log.read_text().splitlines()[-1])
-    assert last == {"kind": "interrupt", "epoch": 0, "iteration": ck["iteration"], "signal": "SIGTERM"}
+    assert last == {"kind": "interrupt", "epoch": 1, "iteration": ck["iteration"], "signal": "SIGTERM"}
 
 
 # ---------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from mamlpp_ext.model import MAMLConfig, MAMLPlusPlus
 from mamlpp_ext.model.network import SUPPORTED_LAYERS, SequentialNet, TaskNetwork, VGGNet
 from _nets import functional_call_meta_loss, random_batch
 from backend_cases import backend_params
+from mamlpp_ext.model import BACKENDS as BACKENDS_TABLE
+from mamlpp_ext.model.lifting import CONV_LAYOUTS
 
 DT = torch.float64
 needs_ext = pytest.mark.skipif(not mamlpp_ext.has_extension(), reason="compiled mamlpp_ext extension not built")
@@ -271,17 +273,25 @@ def test_negative_leaky_relu_after_batch_norm_runs_unfused(backend):
     torch.testing.assert_close(learner.meta_loss(*batch, epoch=0)[0], expect, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("layout", [pytest.param(n, marks=needs_ext) if n == "task_conv" else n
+                                    for n in CONV_LAYOUTS if n != "grouped"])
 @pytest.mark.parametrize("backend", backend_params(per_task=False))
-def test_split_convolution_layout_equals_grouped(backend):
+def test_convolution_layouts_equal_grouped(backend, layout):
+    """Every convolution layout (NOTE [Convolution layout]) gives ATen's grouped convolution's
+    loss and meta-gradients (float64, second order), on each batched backend."""
     module, cfg = make("grouped_mlp_head")
     learner = MAMLPlusPlus(cfg, backend=backend, dtype=DT, network=module)
+    assert learner.net.conv_layout == BACKENDS_TABLE[backend].conv_layout  # the backend's by default
     batch = random_batch(cfg)
+    learner.net.conv_layout = "grouped"
     grouped = learner.meta_loss(*batch, epoch=0)[0]
     g_grouped = torch.autograd.grad(grouped, learner.parameters())
-    learner.net.conv_layout = "split"
-    per_task = learner.meta_loss(*batch, epoch=0)[0]
-    torch.testing.assert_close(per_task, grouped, rtol=1e-10, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(per_task, learner.parameters()), g_grouped):
+    learner.net.conv_layout = layout
+    other = learner.meta_loss(*batch, epoch=0)[0]
+    torch.testing.assert_close(other, grouped, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(other, learner.parameters()), g_grouped):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    learner.net.conv_layout = None  # back to the backend's
+    assert learner.net.conv_layout == BACKENDS_TABLE[backend].conv_layout
     with pytest.raises(ValueError, match="conv_layout must be one of"):
         learner.net.conv_layout = "bogus"

@@ -22,6 +22,7 @@ Imports only :mod:`mamlpp_ext.ops` from the rest of the package.
 from .backends import BACKENDS, DEFAULT_BACKENDS, Execution, report_notes, resolve_execution
 from .config import MAMLConfig, from_preset, preset_names
 from .meta_learner import MAMLPlusPlus
+from .step import DivergenceError
 
-__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "Execution", "MAMLConfig", "MAMLPlusPlus", "from_preset", "preset_names",
-           "report_notes", "resolve_execution"]
+__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "DivergenceError", "Execution", "MAMLConfig", "MAMLPlusPlus",
+           "from_preset", "preset_names", "report_notes", "resolve_execution"]

@@ -15,8 +15,9 @@ op runs, and which per-step batch-norm op runs:
 * ``"sequential"``: tasks one after another (each alone, T = 1), plain-PyTorch update and batch
   norm — as the public MAML++ code runs; the semantic reference.
 * ``"batched"``: all T tasks at once (NOTE [Task-major layout] in network.py), plain PyTorch.
-* ``"fused"``: all T tasks at once, the compiled ``ops.lslr_update`` and ``ops.task_batch_norm``
-  (with the activation after a batch norm fused into it); needs the compiled extension (and its
+* ``"fused"``: all T tasks at once, the compiled ``ops.lslr_update``, ``ops.task_batch_norm``
+  (with the activation after a batch norm fused into it) and ``ops.task_conv2d`` (whose double
+  backward is a grouped convolution, not one per task); needs the compiled extension (and its
   CUDA kernels on a CUDA device).
 """
 
@@ -47,6 +48,8 @@ class Backend:
     update: the inner-loop update, contract of ``ops.reference.lslr_update``.
     batch_norm: the per-step batch norm, contract of ``ops.reference.task_batch_norm``.
     needs_extension: the ops are the compiled ones.
+    conv_layout: how the networks run their convolutions (NOTE [Convolution layout] in
+        lifting.py), unless a network's ``conv_layout`` is set.
     """
 
     name: str
@@ -54,12 +57,13 @@ class Backend:
     update: Callable
     batch_norm: Callable
     needs_extension: bool
+    conv_layout: str
 
 
 BACKENDS: dict[str, Backend] = {
-    "sequential": Backend("sequential", True, reference.lslr_update, reference.task_batch_norm, False),
-    "batched": Backend("batched", False, reference.lslr_update, reference.task_batch_norm, False),
-    "fused": Backend("fused", False, ops.lslr_update, ops.task_batch_norm, True),
+    "sequential": Backend("sequential", True, reference.lslr_update, reference.task_batch_norm, False, "grouped"),
+    "batched": Backend("batched", False, reference.lslr_update, reference.task_batch_norm, False, "grouped"),
+    "fused": Backend("fused", False, ops.lslr_update, ops.task_batch_norm, True, "task_conv"),
 }
 
 # NOTE [Default backend]

@@ -163,7 +163,7 @@ class MAMLConfig:
         _float("leaky_relu_slope", 0.0)
         _float("bn_momentum", 0.0, 1.0)
         _float("bn_eps", 0.0, lo_open=True)
-        _float("inner_lr")
+        _float("inner_lr", 0.0, lo_open=True)  # <= 0 never learns (0: no adaptation; < 0: ascent)
         _float("meta_lr", 0.0, lo_open=True)
         _float("min_meta_lr", 0.0)
         if self.min_meta_lr > self.meta_lr:

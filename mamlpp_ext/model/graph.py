@@ -19,6 +19,10 @@ NOTE [Graph mode]
     * The running statistics are updated in place inside the graph. Metrics ([loss, accuracy,
       per-task accuracies]) stay on the device in the graph's output buffer; the caller reads
       them when it logs (``MAMLPlusPlus.train_step``).
+    * The divergence guard (NOTE [Divergence guard] in step.py) is part of the captured step:
+      its flag, count and saved statistics are device tensors allocated with the learner, and a
+      step that is not finite is dropped by ``torch.where`` and fused Adam's ``found_inf``,
+      without a host read.
     * With a cross-process mean (distributed training) the step is two graphs — forward and
       backward, then clamp and Adam — with the eager all-reduce between them.
     * Evaluation (first-order adaptation and query scoring) is captured per batch shape and
@@ -176,7 +180,7 @@ class GraphRunner:
             lrn.step.gradients()  # allocate any gradient the backward did not produce, outside the graph
             graph_b = torch.cuda.CUDAGraph()
             with self._graph(graph_b, pool=graph.pool()):
-                lrn.step.outer_update()
+                lrn.step.outer_update(g["out"])  # masks the metrics of a dropped step in place
             g["graph_b"] = graph_b
         self._train = g
         self.captures += 1
@@ -269,15 +273,33 @@ class HostSyncGuard(TorchDispatchMode):
 
 @contextlib.contextmanager
 def _adam_capturable_on_meta():
-    """Let torch's capturable Adam run on meta tensors (it checks the device type only)."""
+    """Let torch's fused, capturable Adam run on meta tensors (it checks the device type only)."""
     import torch.optim.adam as adam
+    import torch.optim.optimizer as optimizer
 
     real = adam._get_capturable_supported_devices
+    real_fused = optimizer._get_fused_kernels_supported_devices
     adam._get_capturable_supported_devices = lambda supports_xla=True: [*real(supports_xla), "meta"]
+    optimizer._get_fused_kernels_supported_devices = lambda: [*real_fused(), "meta"]
     try:
         yield
     finally:
         adam._get_capturable_supported_devices = real
+        optimizer._get_fused_kernels_supported_devices = real_fused
+
+
+def _check_fused_adam_on_meta(func, args, kwargs) -> bool:
+    """Fused Adam with a tensor learning rate has no meta kernel in torch: on meta, check that
+    every tensor it reads is on the meta device (a host tensor would be frozen into a capture)
+    and skip it (it returns nothing). True when ``func`` was that op."""
+    if func is not torch.ops.aten._fused_adam_.tensor_lr:
+        return False
+    tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else [a])
+               if isinstance(t, torch.Tensor)]
+    hosts = [tuple(t.shape) for t in tensors if t.device.type != "meta"]
+    if hosts:
+        raise HostSyncError(f"{func} reads host tensors of shapes {hosts}: a capture would freeze their values")
+    return True
 
 
 def check_capturable(learner, epochs=(0,), eval_steps: Optional[int] = None) -> int:
@@ -305,6 +327,8 @@ def check_capturable(learner, epochs=(0,), eval_steps: Optional[int] = None) -> 
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Counting.ops += 1
+            if _check_fused_adam_on_meta(func, args, kwargs or {}):
+                return None
             return super().__torch_dispatch__(func, types, args, kwargs)
 
     with _adam_capturable_on_meta(), Counting():

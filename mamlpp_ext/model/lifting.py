@@ -25,13 +25,18 @@ NOTE [Why torch.fx]
     with a message naming the line (MAML++ networks are fixed graphs).
 
 NOTE [Convolution layout]
-    ``conv_layout = "grouped"`` runs a convolution of T tasks as one grouped convolution over
-    the task-major channels; ``"split"`` runs T ordinary convolutions on the channel slices
-    and concatenates them. Same arithmetic. Measured on the CPU for the public Omniglot and
-    mini-ImageNet settings, grouped was faster in every case (benchmarks/RESULTS.md, session of
-    2026-11-29), so it is the default; set ``net.conv_layout`` to compare on another device.
-    Each layout is one function in ``CONV_IMPLS`` with the signature of ``conv_grouped``; the
-    generated forward calls the current one by name, so switching costs nothing per call.
+    How the convolution of T tasks runs: ``"grouped"``, one ATen grouped convolution over the
+    task-major channels; ``"split"``, T ordinary convolutions on the channel slices,
+    concatenated; ``"task_conv"``, the compiled ``ops.task_conv2d`` — the same grouped
+    convolution, whose backward and double backward are grouped convolutions too, so a
+    second-order step runs the same number of convolutions whatever T (ATen's double backward of
+    a grouped convolution runs one convolution per group: per task). Same arithmetic. Each
+    backend names its layout (``Backend.conv_layout``: task_conv on ``fused``, grouped on the
+    others — grouped beat split on the CPU in every public setting, benchmarks/RESULTS.md,
+    session of 2026-11-29); ``net.conv_layout = ...`` overrides it for the network, to compare
+    layouts, and ``None`` returns to the backend's. Each layout is one function in ``CONV_IMPLS``
+    with the signature of ``conv_grouped``; the generated forward calls the current one by name,
+    so switching costs nothing per call.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Node
 
+from .. import ops
 from .task_network import BatchNormFn, BNLayer, TaskNetwork
 
 __all__ = ["CONV_IMPLS", "CONV_LAYOUTS", "LAYERS", "LiftedNet", "Rule", "SUPPORTED_LAYERS", "SequentialNet",
@@ -78,8 +84,13 @@ def conv_split(h: Tensor, w: Tensor, b: Optional[Tensor], T: int, stride, paddin
                       for t in range(T)], dim=1)
 
 
+def conv_task(h: Tensor, w: Tensor, b: Optional[Tensor], T: int, stride, padding, dilation, groups: int) -> Tensor:
+    """``conv_grouped`` as the compiled ``ops.task_conv2d`` (needs the extension)."""
+    return ops.task_conv2d(h, w, b, stride, padding, dilation, groups)
+
+
 #: The convolution layouts (NOTE [Convolution layout]): name -> implementation.
-CONV_IMPLS: dict[str, Callable] = {"grouped": conv_grouped, "split": conv_split}
+CONV_IMPLS: dict[str, Callable] = {"grouped": conv_grouped, "split": conv_split, "task_conv": conv_task}
 CONV_LAYOUTS = tuple(CONV_IMPLS)
 
 
@@ -825,7 +836,8 @@ class LiftedNet(TaskNetwork):
         self.num_classes = lifter.run()
         self.code = lifter.source()
         self._namespace = dict(lifter.namespace, conv=conv_grouped)
-        self._conv_layout = "grouped"
+        self._conv_layout: Optional[str] = None  # None: the backend's (use_backend_layout)
+        self._backend_layout = "grouped"
         self._compile()
 
     def _compile(self) -> None:
@@ -845,15 +857,27 @@ class LiftedNet(TaskNetwork):
 
     @property
     def conv_layout(self) -> str:
-        """How T tasks' convolutions run (NOTE [Convolution layout]): one of ``CONV_LAYOUTS``."""
-        return self._conv_layout
+        """How T tasks' convolutions run (NOTE [Convolution layout]): one of ``CONV_LAYOUTS``.
+        Reads the layout in use; set a layout to override the backend's, or None to follow it."""
+        return self._conv_layout or self._backend_layout
 
     @conv_layout.setter
-    def conv_layout(self, value: str) -> None:
-        if value not in CONV_IMPLS:
-            raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS}, got {value!r}")
+    def conv_layout(self, value: Optional[str]) -> None:
+        if value is not None and value not in CONV_IMPLS:
+            raise ValueError(f"conv_layout must be one of {CONV_LAYOUTS} or None, got {value!r}")
+        if value == "task_conv" and not ops.has_extension():
+            raise RuntimeError(f"conv_layout='task_conv' needs the compiled mamlpp_ext kernels, but "
+                               f"{ops.EXTENSION_ERROR}")
         self._conv_layout = value
-        self._namespace["conv"] = CONV_IMPLS[value]
+        self._namespace["conv"] = CONV_IMPLS[self.conv_layout]
+
+    def use_backend_layout(self, layout: str) -> None:
+        """The layout of the backend that runs this network (``Backend.conv_layout``), used unless
+        ``conv_layout`` was set."""
+        if layout not in CONV_IMPLS:
+            raise ValueError(f"unknown convolution layout {layout!r}; expected one of {CONV_LAYOUTS}")
+        self._backend_layout = layout
+        self._namespace["conv"] = CONV_IMPLS[self.conv_layout]
 
     def check_input_shape(self, shape: tuple[int, int, int]) -> None:
         if tuple(shape) != self.input_shape:

@@ -39,6 +39,7 @@ NOTE [Evaluation and running statistics]
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -50,9 +51,9 @@ from .config import MAMLConfig, from_preset
 from .graph import GraphRunner
 from .network import NETWORKS, LiftedNet, TaskNetwork, VGGNet
 from .schedules import epoch_plan, meta_lr_at
-from .step import MetaStep, OuterOptimizer
+from .step import DivergenceError, MetaStep, OuterOptimizer
 
-__all__ = ["BACKENDS", "Backend", "MAMLPlusPlus", "build_network"]
+__all__ = ["BACKENDS", "Backend", "DivergenceError", "MAMLPlusPlus", "build_network"]
 
 _STATE_FORMAT = "mamlpp_ext.MAMLPlusPlus/1"
 
@@ -151,6 +152,7 @@ class MAMLPlusPlus:
         report_notes(self.execution.notes)
         self.backend_impl: Backend = BACKENDS[self.execution.backend]
         self.net = build_network(config, network)
+        self.net.use_backend_layout(self.backend_impl.conv_layout)
         self.bn_layers = list(self.net.bn_layers)
         if config.bn_eval_stats == "running" and not all(b.track_running_stats for b in self.bn_layers):
             raise ValueError("bn_eval_stats='running' needs running statistics in every BN layer, but "
@@ -213,6 +215,7 @@ class MAMLPlusPlus:
             raise ValueError(f"cannot switch a {mode} learner to backend {name!r}: {exc}") from None
         self.execution = execution
         self.backend_impl = BACKENDS[name]
+        self.net.use_backend_layout(self.backend_impl.conv_layout)
         if graph:
             self.graph.reset()  # the captured graphs run the old backend's ops
 
@@ -335,10 +338,21 @@ class MAMLPlusPlus:
         ``cross_process_mean`` is set — ``task_accuracies`` (list of this process's T floats),
         ``loss_weights`` (list of S floats), ``meta_lr`` (float), ``second_order`` (bool),
         ``epoch`` (int). Reads the metrics back to the host: ``train_step`` does not.
+
+        Raises ``DivergenceError`` when the meta-loss or a meta-gradient is not finite; the
+        step is then not applied (weights, Adam's state and running statistics as before it;
+        NOTE [Divergence guard] in step.py) and the learner can go on with other batches.
         """
         epoch = self._check_epoch(epoch)
         plan = epoch_plan(self.config, epoch)
         stats = self.train_step(support_x, support_y, query_x, query_y, epoch).tolist()
+        if not math.isfinite(stats[0]):
+            self.clear_divergence()
+            raise DivergenceError(
+                f"meta_step(epoch={epoch}): the meta-loss or a meta-gradient is not finite, so the step was not "
+                f"applied (weights, Adam's state and running statistics are as before it; {self.meta_steps_done} "
+                f"meta-steps done). Check the batch for NaN/inf values, or lower inner_lr or meta_lr, or set "
+                f"grad_clamp")
         return dict(loss=stats[0], accuracy=stats[1], task_accuracies=stats[2:], loss_weights=plan.loss_weights,
                     meta_lr=plan.meta_lr, second_order=plan.second_order, epoch=epoch)
 
@@ -347,7 +361,12 @@ class MAMLPlusPlus:
         """``meta_step`` without reading anything back: returns a device tensor [loss, accuracy,
         T task accuracies] (in graph mode, valid until the next step). Inputs are validated on
         their own device before any state changes: pass CPU labels (as the data loaders give)
-        to keep the step free of host syncs."""
+        to keep the step free of host syncs.
+
+        A step whose meta-loss or a meta-gradient is not finite is dropped on the device and
+        reports NaN metrics; so does every later step until ``clear_divergence()``, which keeps
+        the learner as it was before the first bad step until the caller reads the metrics
+        (NOTE [Divergence guard] in step.py)."""
         epoch = self._check_epoch(epoch)
         graph = self.graph is not None
         batch = self._check_inputs(support_x, support_y, query_x, query_y, move=not graph)
@@ -357,6 +376,19 @@ class MAMLPlusPlus:
         out = self.graph.train_step(batch, plan) if graph else self.step.train_step(*batch, plan)
         self.meta_steps_done += 1
         return out
+
+    def diverged(self) -> bool:
+        """Whether a step was dropped by the divergence guard since the last ``clear_divergence``
+        (reads a device flag: a host sync)."""
+        return bool(self.step.nonfinite.item())
+
+    def clear_divergence(self) -> int:
+        """Let training go on after dropped steps: resets the guard's flag and returns how many
+        steps it dropped (they no longer count in ``meta_steps_done``)."""
+        dropped = int(self.step.dropped.item())
+        self.meta_steps_done -= dropped
+        self.step.clear_nonfinite()
+        return dropped
 
     # ------------------------------------------------------------ evaluation
     def _eval_steps(self, steps: Optional[int]) -> int:
@@ -450,7 +482,9 @@ class MAMLPlusPlus:
         out["lslr"] = out["lslr"][0]
         out.update(format=_STATE_FORMAT, config=self.config.to_dict(), backend=self.backend,
                    optimizer=self.outer.portable_state(),
-                   scheduler=dict(last_epoch=self.last_epoch), meta_steps_done=self.meta_steps_done)
+                   scheduler=dict(last_epoch=self.last_epoch),
+                   meta_steps_done=self.meta_steps_done - (0 if self.device.type == "meta"
+                                                           else int(self.step.dropped.item())))
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -483,6 +517,7 @@ class MAMLPlusPlus:
         self.outer.load_state(state["optimizer"], self.meta_lr(self.last_epoch if self.last_epoch is not None else 0))
         if self.graph is not None:
             self.graph.reset()  # the captured step read the optimizer state and lr tensors just replaced
+        self.step.clear_nonfinite()
         self.meta_steps_done = int(state.get("meta_steps_done", 0))
 
     @classmethod

@@ -14,10 +14,14 @@ NOTE [Step interface]
       accuracies]. Updates the running statistics (a training forward).
     * ``gradients()`` — the meta-parameters, each with a ``.grad`` (zeros where the backward
       produced none): the layout a cross-process mean averages.
-    * ``outer_update()`` — the optional gradient clamp and the Adam step.
+    * ``outer_update(metrics)`` — the guarded outer update: the finiteness check, the optional
+      gradient clamp and the Adam step, all dropped when the step is not finite (NOTE [Divergence
+      guard]); ``metrics`` (what ``forward_backward`` returned) are masked in place.
     * ``train_body(...)`` = ``forward_backward`` + ``outer_update``: a whole single-process step
       (what one CUDA graph captures); ``train_step(...)`` adds the cross-process mean between
       them (the eager step).
+    * ``nonfinite`` / ``clear_nonfinite()`` — the device flag of the divergence guard and its
+      reset (a host-side call between steps).
     * ``eval_body(sx, sy, qx, qy, steps)`` — first-order adaptation and query scoring; changes
       no state.
     * ``set_meta_lr(lr)`` — Adam's learning rate for the coming steps (CA).
@@ -33,14 +37,36 @@ NOTE [Step interface]
     device tensor (graph mode updates it between replays).
 
 NOTE [Outer optimiser modes]
-    Adam runs in one of two modes: *plain* (float learning rate, CPU step counts: torch's
-    default) or *capturable* (learning rate and step counts are device tensors, so a captured
-    step reads them on the device and CA changes the rate with a ``fill_`` between replays).
+    Adam is torch's fused Adam (``fused=True``: one kernel over every meta-parameter, step counts
+    on the device, and a ``found_inf`` flag that drops a whole update on the device, which the
+    divergence guard uses). It runs in one of two modes: *plain* (float learning rate) or
+    *capturable* (the learning rate is a device tensor, so a captured step reads it on the
+    device and CA changes the rate with a ``fill_`` between replays).
     The capturable learning rate is float32 whatever the learner's dtype: torch keeps Adam's step
     counts (and so its bias corrections) as float32 tensors and divides the rate by them, whose
     fused CUDA path needs matching dtypes; and in half or bfloat16 a rate such as 1e-5 would be
     rounded (subnormal in half). Checkpoints always store the plain form, so either mode loads
     either.
+
+NOTE [Divergence guard]
+    A step whose meta-loss or any meta-gradient is not finite (NaN or ±inf) leaves nothing behind:
+    ``forward_backward`` first copies the running statistics aside (the forward updates them in
+    place); ``outer_update`` checks the loss and every gradient with one op
+    (``torch._amp_foreach_non_finite_check_and_unscale_``, which multiplies by 1 and sets the
+    0-d flag ``nonfinite`` to 1 when anything is not finite; the check runs before the clamp,
+    which would turn ±inf into finite values), puts the saved statistics back where the flag is
+    set (``torch.where``), and hands the flag to fused Adam as ``found_inf``, which then changes
+    no weight, no moment and no step count. The step's metrics become NaN where the flag is set,
+    so a caller that reads them sees the dropped step.
+
+    Everything stays on the device: no host read, so the guard runs inside a captured CUDA graph
+    (``graph.check_capturable`` checks it) and the eager ``train_step`` keeps its promise of no
+    host sync. The flag is sticky: once set, every later step is dropped as well (and reports
+    NaN) until ``clear_nonfinite()`` — so the learner stays exactly as it was before the first
+    bad step however late the caller reads the metrics. ``dropped`` counts the dropped steps.
+
+    Under a cross-process mean the check runs after the mean, on the averaged gradients and
+    loss: a NaN on one process reaches every process, so all of them drop the same step.
 """
 
 from __future__ import annotations
@@ -56,7 +82,7 @@ from torch import Tensor
 
 from .schedules import EpochPlan
 
-__all__ = ["MetaStep", "OuterOptimizer", "StepTensors", "task_losses"]
+__all__ = ["DivergenceError", "MetaStep", "OuterOptimizer", "StepTensors", "task_losses"]
 
 
 def task_losses(logits: Tensor, y: Tensor) -> Tensor:
@@ -80,8 +106,13 @@ class OuterOptimizer:
         self.device = device
         self.capturable = bool(capturable)
         self.lr = float(lr)
-        self.optimizer = torch.optim.Adam(params, lr=self.lr)
+        self.optimizer = torch.optim.Adam(params, lr=self.lr, fused=True)
         self.configure()
+
+    def step(self, skip: Tensor) -> None:
+        """One Adam step, dropped on the device where ``skip`` (0-d float32, 0 or 1) is 1."""
+        self.optimizer.found_inf = skip
+        self.optimizer.step()
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the coming steps: a float in plain mode, the device tensor filled
@@ -99,18 +130,19 @@ class OuterOptimizer:
         cap = self.capturable
         for group in self.optimizer.param_groups:
             group["capturable"] = cap
+            group["fused"], group["foreach"] = True, None  # a loaded state may name another path
             # float32: NOTE [Outer optimiser modes]
             group["lr"] = torch.tensor(self.lr, dtype=torch.float32, device=self.device) if cap else self.lr
         for state in self.optimizer.state.values():
-            if "step" in state:
-                state["step"] = state["step"].to(device=self.device if cap else "cpu")
+            if "step" in state:  # fused Adam keeps its float32 step counts on the device
+                state["step"] = state["step"].to(device=self.device, dtype=torch.float32)
 
     def portable_state(self) -> dict:
         """Adam's state as a plain-mode optimizer stores it (float rate, CPU step counts, not
         capturable), whatever this object's mode."""
         st = copy.deepcopy(self.optimizer.state_dict())
         for group in st["param_groups"]:
-            group["lr"], group["capturable"] = self.lr, False
+            group["lr"], group["capturable"], group["fused"] = self.lr, False, None
         for s in st["state"].values():
             if "step" in s:
                 s["step"] = s["step"].detach().to("cpu")
@@ -121,6 +153,11 @@ class OuterOptimizer:
         self.optimizer.load_state_dict(copy.deepcopy(state))
         self.lr = float(lr)
         self.configure()
+
+
+class DivergenceError(FloatingPointError):
+    """A meta-step's loss or meta-gradients were not finite; the step was not applied
+    (NOTE [Divergence guard])."""
 
 
 class StepTensors(NamedTuple):
@@ -167,13 +204,28 @@ class StepTensors(NamedTuple):
 class MetaStep:
     """The step of a ``MAMLPlusPlus`` learner (NOTE [Step interface]). Holds the learner weakly
     (the learner owns its step) and reads the learner's public state on every call, so a switched backend
-    or a loaded state is seen at once."""
+    or a loaded state is seen at once.
+
+    The divergence guard's device state (NOTE [Divergence guard]) lives here, allocated once so
+    that a captured graph keeps reading the same memory: ``nonfinite`` (0-d float32, 1 once a
+    step was not finite), ``dropped`` (0-d float32, steps dropped since the last
+    ``clear_nonfinite``) and a copy of every running-statistics buffer."""
 
     def __init__(self, learner) -> None:
         # a proxy, not a reference: no cycle keeps a deleted learner's (device) memory alive, and
         # reading through it costs no Python call on the hot path
         self.learner = weakref.proxy(learner)
         self._reading: Optional[StepTensors] = None
+        dev = learner.device
+        self.nonfinite = torch.zeros((), dtype=torch.float32, device=dev)
+        self.dropped = torch.zeros((), dtype=torch.float32, device=dev)
+        self._one = torch.ones((), dtype=torch.float32, device=dev)
+        self._saved_stats = [torch.empty_like(t) for t in learner.running_stats]
+
+    def clear_nonfinite(self) -> None:
+        """Reset the guard's flag and count (between steps): the next step runs normally."""
+        self.nonfinite.zero_()
+        self.dropped.zero_()
 
     def tensors(self) -> StepTensors:
         """The tensors the step reads: the learner's, or those of an enclosing ``reading``."""
@@ -193,6 +245,8 @@ class MetaStep:
     def forward_backward(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
         """Meta-loss and its backward into the meta-parameters' ``.grad``; returns [loss, mean
         accuracy, T task accuracies] on the device."""
+        if self._saved_stats:  # the forward updates them in place: NOTE [Divergence guard]
+            torch._foreach_copy_(self._saved_stats, self.learner.running_stats)
         return self.loss_and_gradients(sx, sy, qx, qy, plan)
 
     def loss_and_gradients(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
@@ -215,20 +269,37 @@ class MetaStep:
                 p.grad = torch.zeros_like(p)
         return params
 
-    def outer_update(self) -> None:
-        """The optional gradient clamp (network weights and BN γ/β, not the LSLR rates) and Adam."""
+    def outer_update(self, metrics: Optional[Tensor] = None) -> None:
+        """The guarded outer update (NOTE [Divergence guard]): the finiteness check of the loss
+        (``metrics[0]``, when given) and of every meta-gradient, the optional gradient clamp
+        (network weights and BN γ/β, not the LSLR rates) and Adam; a step that is not finite
+        changes nothing (running statistics restored, Adam skipped) and its ``metrics`` are
+        set to NaN in place."""
         lrn = self.learner
+        params = lrn.parameters()
+        checked = [p.grad for p in params if p.grad is not None]
+        if metrics is not None:
+            checked.append(metrics[:1])
+        flag = self.nonfinite
+        if checked:
+            torch._amp_foreach_non_finite_check_and_unscale_(checked, flag, self._one)
         if lrn.config.grad_clamp is not None:
             c = float(lrn.config.grad_clamp)
             for p in lrn.theta + [t for t in lrn.bn_weight + lrn.bn_bias if t is not None]:
                 if p.grad is not None:
                     p.grad.clamp_(-c, c)
-        lrn.optimizer.step()
+        bad = flag > 0
+        for stats, saved in zip(lrn.running_stats, self._saved_stats):
+            torch.where(bad, saved, stats, out=stats)
+        lrn.outer.step(flag)
+        self.dropped.add_(flag)
+        if metrics is not None:
+            metrics.masked_fill_(bad, float("nan"))
 
     def train_body(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
         """A whole single-process step: ``forward_backward`` then ``outer_update``."""
         metrics = self.forward_backward(sx, sy, qx, qy, plan)
-        self.outer_update()
+        self.outer_update(metrics)
         return metrics
 
     def train_step(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
@@ -238,7 +309,7 @@ class MetaStep:
         metrics = self.forward_backward(sx, sy, qx, qy, plan)
         if lrn.cross_process_mean is not None:
             lrn.cross_process_mean([p.grad for p in self.gradients()] + lrn.running_stats + [metrics[:2]])
-        self.outer_update()
+        self.outer_update(metrics)
         return metrics
 
     def eval_body(self, sx: Tensor, sy: Tensor, qx: Optional[Tensor], qy: Optional[Tensor], steps: int):

@@ -67,5 +67,10 @@ class TaskNetwork:
         """Logits (T, B, num_classes) of x (T, B, C, H, W) under per-task ``weights``."""
         raise NotImplementedError
 
+    def use_backend_layout(self, layout: str) -> None:
+        """Called by the learner with the convolution layout of the backend that runs the network
+        (``Backend.conv_layout``, NOTE [Convolution layout] in lifting.py); a network of its own
+        may ignore it (the default)."""
+
     def check_input_shape(self, shape: tuple[int, int, int]) -> None:
         """Raise ValueError when images of ``shape`` (C, H, W) cannot go through the network."""

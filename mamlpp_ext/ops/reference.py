@@ -15,7 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["lslr_update", "lslr_scale", "lslr_dot", "task_batch_norm", "batch_norm_double_backward"]
+__all__ = ["lslr_update", "lslr_scale", "lslr_dot", "task_batch_norm", "batch_norm_double_backward", "task_conv2d",
+           "task_conv_backward"]
 
 
 def lslr_update(params: Sequence[Tensor], grads: Sequence[Tensor], lrs: Tensor, step: int) -> list[Tensor]:
@@ -173,3 +174,36 @@ def batch_norm_double_backward(grad_grad_input: Tensor | None, grad_grad_weight:
             res = (None, None, None)
     like = (grad_out, input, w)
     return tuple(r if r is not None else torch.zeros_like(t) for r, t in zip(res, like))
+
+
+# ---------------------------------------------------------------------------------------------
+# Task-batched convolution (twin of mamlpp_ext.task_conv / _task_conv_backward)
+# ---------------------------------------------------------------------------------------------
+
+def task_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                groups: int = 1) -> Tensor:
+    """T tasks' ``F.conv2d`` as one ATen grouped convolution (groups = T * groups).
+
+    input: (N, T*C_in, H, W), channel t*C_in + c = channel c of task t; weight:
+    (T, C_out, C_in/groups, kh, kw); bias: (T, C_out) or None; stride, padding (also "valid" /
+    "same"), dilation and groups as in ``F.conv2d``. Returns (N, T*C_out, H', W'). The twin of
+    ``mamlpp_ext.ops.task_conv2d``; its derivatives are ATen's (the double backward of a grouped
+    convolution computes its weight term group by group).
+    """
+    T = weight.shape[0]
+    return torch.nn.functional.conv2d(input, weight.reshape(-1, *weight.shape[2:]),
+                                      bias.reshape(-1) if bias is not None else None, stride, padding, dilation,
+                                      groups * T)
+
+
+def task_conv_backward(grad_out: Tensor, input: Tensor, weight: Tensor, stride, padding, dilation, groups: int,
+                       output_mask: Sequence[bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(grad_input, grad_weight, grad_bias) of :func:`task_conv2d` for grad_out, shaped like input,
+    weight and (T, C_out); None where ``output_mask`` is False. The twin of ``_task_conv_backward``
+    (ATen's ``convolution_backward`` with T*groups groups; differentiable by ATen's formulas)."""
+    T, C_out = weight.shape[:2]
+    gi, gw, gb = torch.ops.aten.convolution_backward(
+        grad_out, input, weight.reshape(-1, *weight.shape[2:]), [T * C_out], list(stride), list(padding),
+        list(dilation), False, [0, 0], groups * T, list(output_mask))
+    return (gi if output_mask[0] else None, gw.reshape(weight.shape) if output_mask[1] else None,
+            gb.reshape(T, C_out) if output_mask[2] else None)

@@ -9,24 +9,50 @@ NOTE [Checkpoint format]
     running train-loss/accuracy sums of the unfinished epoch), ``log_window`` (the sums of the
     next "train" log record; absent in older checkpoints), ``rng``, ``best`` (the
     retained top-k checkpoints), ``val`` (the validation result of the epoch it closes, or
-    None for a mid-epoch checkpoint) and ``interrupted``.
+    None for a mid-epoch checkpoint) and ``interrupted``; ``network`` (the structure record of a
+    user's network, ``training/network_record.py``; absent for the package's own networks and
+    in older checkpoints) and ``epochs_from`` (1: the epochs in ``best`` count from 1, as every
+    file a user reads does; absent in older checkpoints, whose ``best`` counts from 0).
+
+NOTE [Write errors]
+    Every file of a run folder is written atomically (``atomic_write``): a failed write (a full
+    disk, a lost mount) leaves the previous file whole. ``WriteError`` carries a one-line
+    message saying which file failed, why, and that the previous one is intact; the commands
+    print it and exit with status 2.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..data import atomic_write
 
-__all__ = ["CHECKPOINT_FORMAT", "atomic_save", "atomic_write", "atomic_write_text", "load_checkpoint", "rng_state",
-           "set_rng_state"]
+__all__ = ["CHECKPOINT_FORMAT", "WriteError", "atomic_copy", "atomic_save", "atomic_write", "atomic_write_text",
+           "load_checkpoint", "rng_state", "set_rng_state"]
 
 CHECKPOINT_FORMAT = "mamlpp_ext.train.checkpoint/1"
+
+
+class WriteError(OSError):
+    """A file of a run folder could not be written (NOTE [Write errors]); ``errno`` is the
+    original error's."""
+
+    def __init__(self, message: str, errno_: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the file ``src`` to ``dst`` atomically."""
+    with open(src, "rb") as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,10 +22,12 @@ from typing import Optional, Sequence
 import torch
 
 from .. import data as data_registry
-from ..model import BACKENDS, MAMLPlusPlus, report_notes
+from ..model import BACKENDS, MAMLConfig, MAMLPlusPlus, report_notes
 from . import checkpoints as ckp
 from . import distributed as D
-from .run_data import DataOptions, eval_dataset, load_pools
+from .network_record import check_user_network
+from .run_data import DataOptions, eval_dataset, load_pools, stored_data_options
+from .runlock import RunLock, RunLockedError
 from .scoring import score_batches, score_tasks, summarize_scores
 from .train import GRAPH_MODES, import_from_cwd
 from .trainer import check_device, describe_device, resolve_run_execution
@@ -63,7 +66,9 @@ def resolve_members(paths: Sequence[str | Path], top_k: Optional[int] = None) ->
 def load_members(paths: Sequence[Path], backend: Optional[str] = None, device=None,
                  graph: bool | str = False) -> tuple[list, list[dict]]:
     """``(learners, checkpoints)`` for the given files; the task shapes must agree. ``graph``:
-    the learners' CUDA-graph mode (evaluation captured per batch shape)."""
+    the learners' CUDA-graph mode (evaluation captured per batch shape). A checkpoint of a user's
+    network is refused when the network its function builds now differs from the one recorded
+    (``network_record.check_user_network``)."""
     ckpts = [ckp.load_checkpoint(p) for p in paths]
     ref = ckpts[0]["config"]
     for p, c in zip(paths[1:], ckpts[1:]):
@@ -72,11 +77,18 @@ def load_members(paths: Sequence[Path], backend: Optional[str] = None, device=No
             raise ValueError(f"cannot ensemble {paths[0]} and {p}: they differ in {diff}")
     dev = torch.device(device if device is not None else "cpu")
     learners = []
-    for c in ckpts:
+    for p, c in zip(paths, ckpts):
         execution = resolve_run_execution(dev, c["config"]["dataset"], backend, graph, stored_backend=c["backend"])
         report_notes(execution.notes)
-        learners.append(MAMLPlusPlus.from_state_dict(c["learner"], backend=execution.backend, device=device,
-                                                     graph=execution.graph))
+        config = MAMLConfig.from_dict(c["config"])
+        check_user_network(c.get("network"), config, f"checkpoint {p}")
+        try:
+            learners.append(MAMLPlusPlus.from_state_dict(c["learner"], backend=execution.backend, device=device,
+                                                         graph=execution.graph))
+        except (ValueError, TypeError) as exc:
+            if ":" not in config.network:  # not a user's network
+                raise
+            raise type(exc)(f"--network {config.network} (stored in {p}): {exc}") from None
     return learners, ckpts
 
 
@@ -92,7 +104,7 @@ def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_
     if learners is None:
         learners, ckpts = load_members(paths, backend, device)
     cfg = learners[0].config
-    data = data or DataOptions.from_dict(ckpts[0]["data"])
+    data = data or stored_data_options(ckpts[0]["data"])
     pools = pools if pools is not None else load_pools(cfg, data)
     ds = eval_dataset(pools[split_set], cfg, data, num_tasks, batch_size or cfg.meta_batch)
     t0 = time.perf_counter()
@@ -115,8 +127,9 @@ def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_
 def report_header(paths: Sequence[Path], learners: Sequence[MAMLPlusPlus], ckpts: Sequence[dict],
                   data: DataOptions, device) -> dict:
     """The part of a JSON report that says what was scored: the members (path, epoch, iteration,
-    validation accuracy), the ensemble size, the config, the data options, backend and device."""
-    return {"members": [{"path": str(p), "epoch": c["epoch"] - 1 if c.get("val") else None,
+    validation accuracy; ``epoch`` counts from 1, None for a mid-epoch checkpoint), the ensemble
+    size, the config, the data options, backend and device."""
+    return {"members": [{"path": str(p), "epoch": c["epoch"] if c.get("val") else None,  # counted from 1
                          "iteration": c["iteration"], "val_accuracy": (c.get("val") or {}).get("accuracy")}
                         for p, c in zip(paths, ckpts)],
             "ensemble_size": len(paths), "config": learners[0].config.to_dict(), "data": data.to_dict(),
@@ -163,6 +176,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--one-shot", action="store_true", help="also run the all_runs.zip 20-way one-shot benchmark")
     p.add_argument("--one-shot-only", action="store_true", help="run only the one-shot benchmark")
     p.add_argument("--output", help="JSON report path (default: <run folder>/eval-<split-set>.json, or ./eval.json)")
+    p.add_argument("--wait", action="store_true",
+                   help="when the report goes into a run folder that another command holds (a training run), wait "
+                        "until it is done instead of refusing")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take over a run folder's lock left by a process on another host (docs/training.md)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="under torchrun (the test tasks split across the processes): how long a process waits "
@@ -174,31 +193,60 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     import_from_cwd()
+    import torch.distributed as dist
+
+    lock = None
     try:
         if args.tasks < 1:
             raise ValueError(f"--tasks must be >= 1, got {args.tasks}")
         if args.eval_batch_size is not None and args.eval_batch_size < 1:
             raise ValueError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         if args.dataset_root is not None and not Path(args.dataset_root).exists():
             raise ValueError(f"--dataset-root: {args.dataset_root} does not exist")
         device = check_device(args.device)
         if D.launched_by_torchrun():
             device = D.init_from_env(device, args.dist_timeout)
+        main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+        out = report_path(args.paths, args.output, args.split_set)
+        if main_process and (out.parent / "checkpoints").is_dir():
+            # the report goes into a run folder: not while a trainer writes it (NOTE [Run folder lock])
+            lock = RunLock(out.parent, "mamlpp-eval", wait=math.inf if args.wait else 0.0, break_lock=args.break_lock,
+                           advice="pass --wait to wait until it is done, or --output FILE to write the report "
+                                  "elsewhere").acquire()
         paths = resolve_members(args.paths, args.top_k)
         learners, ckpts = load_members(paths, args.backend, device, graph=GRAPH_MODES[args.graph])
-        data = DataOptions.from_dict(ckpts[0]["data"])
-        if args.dataset_root:
-            data.root = args.dataset_root
+        data = stored_data_options(ckpts[0]["data"], args.dataset_root)
         if args.cache_dir:
             data.cache_dir = args.cache_dir
         if args.eval_seed is not None:
             data.eval_seed = args.eval_seed
-    except (ValueError, TypeError, FileNotFoundError, data_registry.DataError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, RunLockedError, data_registry.DataError) as exc:
+        if lock is not None:
+            lock.release()
         parser.error(str(exc))
-    report = report_header(paths, learners, ckpts, data, device)
-    import torch.distributed as dist
+    try:
+        return _evaluate(args, parser, paths, learners, ckpts, data, device, main_process, out)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+def report_path(paths: Sequence[str], output: Optional[str], split_set: str) -> Path:
+    """Where ``mamlpp-eval`` writes its report: ``output``, else ``<run folder>/eval-<split>.json``
+    for a single run folder, else ./eval.json."""
+    if output:
+        return Path(output)
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        return Path(paths[0]) / f"eval-{split_set}.json"
+    return Path("eval.json")
+
+
+def _evaluate(args, parser, paths, learners, ckpts, data, device, main_process: bool, out: Path) -> int:
+    report = report_header(paths, learners, ckpts, data, device)
     if main_process:
         print(f"mamlpp-eval: {describe_device(args.device, device)}, backend {learners[0].backend}", file=sys.stderr,
               flush=True)
@@ -227,13 +275,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     D.leave_process_group()
     if not main_process:
         return 0
-    if args.output:
-        out = Path(args.output)
-    elif len(args.paths) == 1 and Path(args.paths[0]).is_dir():
-        out = Path(args.paths[0]) / f"eval-{args.split_set}.json"
-    else:
-        out = Path("eval.json")
-    ckp.atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    try:
+        ckp.atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    except OSError as exc:
+        print(f"mamlpp-eval: error: cannot write the report {out}: {exc.strerror or exc}; any earlier report "
+              f"there is intact", file=sys.stderr, flush=True)
+        return 2
     print(f"report written to {out}", flush=True)
     return 0
 

@@ -34,7 +34,8 @@ from .. import data as data_registry
 from ..model import from_preset
 from . import checkpoints as ckp
 from .evaluate import evaluate_checkpoints, load_members, report_header, resolve_members
-from .run_data import DataOptions
+from .run_data import stored_data_options
+from .runlock import RunLock, RunLockedError
 from .trainer import check_device, describe_device
 
 __all__ = ["CONFIGS", "PAPER", "PAPER_CITATION", "SEEDS", "find_seeds", "main", "paper_table", "run_dir_name",
@@ -169,12 +170,19 @@ def score_run(run_dir: Path, *, num_tasks: int = 600, top_k: Optional[int] = Non
               backend: Optional[str] = None, dataset_root: Optional[str] = None, cache_dir: Optional[str] = None,
               batch_size: Optional[int] = None, rescore: bool = False, progress: bool = False) -> dict:
     """Score a run's top-k ensemble on ``num_tasks`` fixed test tasks (reusing its stored report
-    when it matches); returns the report, as ``mamlpp-eval`` writes it, plus ``reused``."""
+    when it matches); returns the report, as ``mamlpp-eval`` writes it, plus ``reused``. Holds the
+    run folder's lock meanwhile (``RunLockedError`` while a trainer writes it)."""
+    with RunLock(run_dir, "mamlpp-reproduce table", advice="score it when its training is done"):
+        return _score_run(run_dir, num_tasks=num_tasks, top_k=top_k, device=device, backend=backend,
+                          dataset_root=dataset_root, cache_dir=cache_dir, batch_size=batch_size, rescore=rescore,
+                          progress=progress)
+
+
+def _score_run(run_dir: Path, *, num_tasks, top_k, device, backend, dataset_root, cache_dir, batch_size, rescore,
+               progress) -> dict:
     paths = resolve_members([run_dir], top_k)
     first = ckp.load_checkpoint(paths[0])
-    data = DataOptions.from_dict(first["data"])
-    if dataset_root:
-        data.root = dataset_root
+    data = stored_data_options(first["data"], dataset_root)
     if cache_dir:
         data.cache_dir = cache_dir
     if not rescore:
@@ -250,6 +258,8 @@ def paper_table(runs_dir: str | Path, *, configs: Sequence[str] = CONFIGS, seeds
                     rep = score_run(rd, num_tasks=num_tasks, top_k=top_k, device=device, backend=backend,
                                     dataset_root=roots.get(cfg["dataset"]), cache_dir=cache_dir,
                                     batch_size=batch_size, rescore=rescore, progress=progress)
+                except RunLockedError as exc:
+                    run["status"], run["error"] = "busy", str(exc)
                 except (ValueError, FileNotFoundError, RuntimeError) as exc:
                     run["status"], run["error"] = "scoring failed", f"{type(exc).__name__}: {exc}"
                 else:
@@ -351,6 +361,7 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--top-k", type=int, help="checkpoints per run ensemble (default: the run's ensemble_top_k, 5)")
     t.add_argument("--eval-batch-size", type=int, help="tasks per batch (default: meta_batch)")
     t.add_argument("--cache-dir", help="preprocessing cache folder")
+    t.add_argument("--threads", type=int, help="torch intra-op threads")
     t.add_argument("--include-unfinished", action="store_true",
                    help="also score unfinished runs (their best checkpoints so far); marked in the table")
     t.add_argument("--rescore", action="store_true", help="score again even when a run's eval-test.json matches")
@@ -385,6 +396,37 @@ def _commands(args, program: Sequence[str]) -> list[tuple[str, int, list[str], d
     return out
 
 
+def _train_all(args) -> int:
+    """``mamlpp-reproduce train``: every configuration x seed one after another."""
+    failed = []
+    for preset, seed, cmd, st in _commands(args, (sys.executable, "-m", "mamlpp_ext.training.train")):
+        name = run_dir_name(preset, seed)
+        if st["state"] == "finished":
+            print(f"mamlpp-reproduce: {name}: already finished, skipped", file=sys.stderr, flush=True)
+            continue
+        how = "resuming" if st["state"] == "unfinished" else "training"
+        print(f"mamlpp-reproduce: {name}: {how}: {shlex.join(['mamlpp-train', *cmd[3:]])}", file=sys.stderr,
+              flush=True)
+        t0 = time.perf_counter()
+        try:
+            rc = subprocess.call(cmd)
+        except KeyboardInterrupt:
+            rc = 130
+        if rc in (130, 143):  # Ctrl-C / SIGTERM: the run saved its checkpoint; stop here
+            print(f"mamlpp-reproduce: interrupted during {name}; run the same command again to resume",
+                  file=sys.stderr, flush=True)
+            return rc
+        print(f"mamlpp-reproduce: {name}: exit code {rc} after {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+              flush=True)
+        if rc != 0:
+            failed.append(name)
+    if failed:
+        print(f"mamlpp-reproduce: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr, flush=True)
+        return 1
+    print(f"mamlpp-reproduce: done. Next: mamlpp-reproduce table {args.runs_dir}", file=sys.stderr, flush=True)
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
@@ -401,36 +443,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                          + (["--seeds", *map(str, args.seeds)] if list(args.seeds) != list(SEEDS) else [])))
         return 0
     if args.command == "train":
-        failed = []
-        for preset, seed, cmd, st in _commands(args, (sys.executable, "-m", "mamlpp_ext.training.train")):
-            name = run_dir_name(preset, seed)
-            if st["state"] == "finished":
-                print(f"mamlpp-reproduce: {name}: already finished, skipped", file=sys.stderr, flush=True)
-                continue
-            how = "resuming" if st["state"] == "unfinished" else "training"
-            print(f"mamlpp-reproduce: {name}: {how}: {shlex.join(['mamlpp-train', *cmd[3:]])}", file=sys.stderr,
-                  flush=True)
-            t0 = time.perf_counter()
-            try:
-                rc = subprocess.call(cmd)
-            except KeyboardInterrupt:
-                rc = 130
-            if rc in (130, 143):  # Ctrl-C / SIGTERM: the run saved its checkpoint; stop here
-                print(f"mamlpp-reproduce: interrupted during {name}; run the same command again to resume",
-                      file=sys.stderr, flush=True)
-                return rc
-            print(f"mamlpp-reproduce: {name}: exit code {rc} after {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-                  flush=True)
-            if rc != 0:
-                failed.append(name)
-        if failed:
-            print(f"mamlpp-reproduce: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr, flush=True)
-            return 1
-        print(f"mamlpp-reproduce: done. Next: mamlpp-reproduce table {args.runs_dir}", file=sys.stderr, flush=True)
-        return 0
+        try:  # one `train` per runs folder at a time (each run also locks its own folder)
+            lock = RunLock(args.runs_dir, "mamlpp-reproduce train",
+                           advice="wait until it is done, or use another --runs-dir").acquire()
+        except RunLockedError as exc:
+            parser.error(str(exc))
+        try:
+            return _train_all(args)
+        finally:
+            lock.release()
     # table
     try:
         device = check_device(args.device)
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
     except ValueError as exc:
         parser.error(str(exc))
     if not Path(args.runs_dir).is_dir():

@@ -5,18 +5,25 @@
 dataset of the data registry, ``mamlpp_ext.data.registry``), checking the config against the
 data before any image is decoded; ``train_dataset`` and ``eval_dataset`` the seeded training
 stream and the fixed evaluation tasks.
+A run records the absolute dataset root it used (``with_absolute_root``); ``stored_data_options``
+gives a stored run's options back, checking that root (a moved dataset is found again from
+``--dataset-root``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional
 
 from .. import data as D
 from ..model import MAMLConfig
 
-__all__ = ["SPLITS", "DataOptions", "eval_dataset", "load_pools", "train_dataset"]
+__all__ = ["SPLITS", "DataOptions", "eval_dataset", "load_pools", "stored_data_options", "train_dataset",
+           "with_absolute_root"]
 
 #: the named class splits of the registered datasets (Omniglot's "maml" and "lake")
 SPLITS = tuple(dict.fromkeys(s for spec in D.registered_datasets() for s in spec.split_schemes))
@@ -60,6 +67,34 @@ class DataOptions:
     def from_dict(cls, d: dict) -> "DataOptions":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def with_absolute_root(config: MAMLConfig, data: DataOptions) -> DataOptions:
+    """``data`` with ``root`` replaced by the absolute folder it resolves to for ``config.dataset``
+    (``--dataset-root``, else the environment variable, else the default folder), as a run records
+    it: the run folder then names its data wherever it is used from. Raises the data layer's
+    ``DatasetNotFoundError`` when there is no such folder."""
+    root = D.get_dataset(config.dataset).resolve_root(data.root)
+    return dataclasses.replace(data, root=str(Path(os.path.abspath(root))))
+
+
+def stored_data_options(stored: dict, root: Optional[str] = None,
+                        log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> DataOptions:
+    """The data options a run or checkpoint recorded (``stored``: ``DataOptions.to_dict()``), for
+    using the run again: ``root`` (``--dataset-root``) replaces the recorded root, with a note
+    when they differ; a recorded root that no longer exists, with no ``root`` given, is a
+    ``ValueError`` that says to pass ``--dataset-root`` (an older run that recorded no root
+    keeps the environment variable / default folder lookup)."""
+    data = DataOptions.from_dict(stored)
+    recorded = data.root
+    if root is not None:
+        if recorded is not None and Path(recorded).expanduser().resolve() != Path(root).expanduser().resolve():
+            log(f"note: using --dataset-root {root} (the run recorded {recorded})")
+        data.root = root
+    elif recorded is not None and not Path(recorded).expanduser().is_dir():
+        raise ValueError(f"the run's dataset root {recorded} does not exist (moved or deleted?); pass --dataset-root "
+                         f"with its new location")
+    return data
 
 
 def load_pools(config: MAMLConfig, data: DataOptions, progress: bool = True) -> dict:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -22,10 +23,14 @@ from ..model import BACKENDS, MAMLConfig, from_preset, preset_names
 from ..model.networks import NETWORKS
 from . import checkpoints as ckp
 from . import distributed as D
-from .run_data import SPLITS, DataOptions
-from .trainer import Trainer, TrainingInterrupted, describe_device
+from .run_data import SPLITS, DataOptions, stored_data_options
+from .runlock import RunLockedError
+from .trainer import Trainer, TrainingDiverged, TrainingInterrupted, describe_device
 
-__all__ = ["GRAPH_MODES", "build_config", "main", "make_parser", "parse_value"]
+__all__ = ["EXIT_DIVERGED", "GRAPH_MODES", "build_config", "main", "make_parser", "parse_value"]
+
+#: exit status of a run stopped because it diverged (2: usage, data and disk errors; 128 + n: signal n)
+EXIT_DIVERGED = 3
 
 #: --graph (and --compile) choices -> the learner's ``graph`` (``compile``) argument
 GRAPH_MODES = {"auto": "auto", "on": True, "off": False}
@@ -148,12 +153,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for training batches (default 0)")
     p.add_argument("--run-dir", help="run folder (default runs/<preset>-seed<seed>)")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue the run in --run-dir (or from the given checkpoint file)")
+                   help="continue the run in --run-dir (or from the given checkpoint file; a checkpoint of another "
+                        "run with a new --run-dir forks that run, copying what the new folder needs)")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take over the run folder's lock left by a process on another host, once you have checked "
+                        "that it no longer runs (docs/training.md, Reliability)")
     p.add_argument("--keep-top-k", type=int,
                    help="epoch checkpoints kept by validation accuracy (default ensemble_top_k)")
     p.add_argument("--log-every", type=int, default=50, help="meta-steps between train records (default 50)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    p.add_argument("--no-tensorboard", action="store_true",
+                   help="do not write TensorBoard logs (written by default when the tensorboard package is installed; "
+                        "one line says so when it is not)")
     p.add_argument("--threads", type=int, help="torch intra-op threads")
     p.add_argument("--stop-at-iteration", type=int, metavar="N",
                    help="stop once N meta-steps are done in total, saving checkpoints/latest.pt as an interruption "
@@ -218,13 +229,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                 diff = sorted(k for k, v in asked.to_dict().items() if config.to_dict()[k] != v)
                 if diff:
                     raise ValueError(f"--resume continues the stored config; these settings differ from it: {diff}")
-            data = DataOptions.from_dict({**stored["data"], **({"root": args.dataset_root} if args.dataset_root
-                                                                  else {}), "num_workers": args.workers})
+            data = stored_data_options(stored["data"], args.dataset_root)
+            data.num_workers = args.workers
             trainer = Trainer(None, run_dir, backend=args.backend, device=args.device, data=data, strategy=strategy,
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
                               tensorboard=not args.no_tensorboard, resume=ckpt_path,
-                              graph=GRAPH_MODES[args.graph], compile=GRAPH_MODES[args.compile])
+                              graph=GRAPH_MODES[args.graph], break_lock=args.break_lock,
+                              compile=GRAPH_MODES[args.compile])
         else:
             config = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
                                   total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
@@ -234,9 +246,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
                               tensorboard=not args.no_tensorboard, graph=GRAPH_MODES[args.graph],
-                              compile=GRAPH_MODES[args.compile])
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, data_registry.DataError) as exc:
+                              break_lock=args.break_lock, compile=GRAPH_MODES[args.compile])
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, RunLockedError, ckp.WriteError,
+            data_registry.DataError) as exc:
         parser.error(str(exc))
+    trainer.resume_command = f"continue with: mamlpp-train --run-dir {shlex.quote(str(trainer.run_dir))} --resume"
     if trainer.is_main:
         print(f"mamlpp-train: {describe_device(args.device, trainer.device)}, backend {trainer.backend}",
               file=sys.stderr)
@@ -251,8 +265,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"saved to {trainer.latest_path}", file=sys.stderr, flush=True)
     except TrainingInterrupted as exc:
         ok = True  # every process stopped after the same step
-        print(f"mamlpp-train{where}: {exc}", file=sys.stderr, flush=True)
+        print(f"mamlpp-train{where}: {exc}; {trainer.resume_command}", file=sys.stderr, flush=True)
         return 128 + exc.signum
+    except TrainingDiverged as exc:
+        ok = True  # the metrics were averaged across processes: every process stopped at the same step
+        if trainer.is_main:
+            print(f"mamlpp-train: {exc}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    except ckp.WriteError as exc:
+        print(f"mamlpp-train{where}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except Exception as exc:  # noqa: BLE001
         if not where:
             raise
