@@ -133,59 +133,203 @@ def rel(a, r) -> float:
 
 
 # ------------------------------------------------------------------------------------ agree
+# NOTE [Branch-matched reference]
+#     A float32 and a float64 run of the same step do not always take the same branches: where two
+#     values of a max-pool window are within rounding of each other, or an activation is within
+#     rounding of LeakyReLU's kink, the two precisions may pick a different index or slope, and
+#     the gradient flows elsewhere. In the inner loop such a flip changes an update, so later
+#     forwards differ by more than rounding, and more flips follow. On the published Omniglot
+#     case this dominates: eager float32 is ~1e-2 from plain float64 (2026-12-03). So beside the
+#     plain float64 reference, each float32 run is measured against a float64 run that takes
+#     *its* branches: the max-pool indices and the signs that pick the activation slopes in the
+#     backward are the float32 run's (read from the eager graph, or returned as extra outputs by a
+#     compiled copy of the graph), everything else is computed in float64. What is left is
+#     rounding.
+
+# the argument whose sign picks the activation slope, per op of the traced step
+SIGN_ARG = {"mamlpp_ext._batch_norm_backward.default": 3, "mamlpp_ext._batch_norm_double_backward.default": 6,
+            "aten.leaky_relu_backward.default": 1, "aten.threshold_backward.default": 1}
+POOLS = ("aten.max_pool2d_with_indices.default",)
+
+
+def decision_nodes(gm) -> tuple[list, dict]:
+    """(the nodes whose values decide a branch, {consumer node: (arg position, sign node)}) of a
+    traced step: max-pool index outputs and the sign arguments of ``SIGN_ARG``."""
+    nodes, consumers = [], {}
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is operator.getitem and str(getattr(n.args[0], "target", "")) in POOLS and n.args[1] == 1:
+            nodes.append(n)
+        pos = SIGN_ARG.get(str(n.target))
+        if pos is not None and isinstance(n.args[pos], torch.fx.Node):
+            consumers[n] = (pos, n.args[pos])
+            if n.args[pos] not in nodes:
+                nodes.append(n.args[pos])
+    return nodes, consumers
+
+
+def with_outputs(gm, extra: list):
+    """A copy of gm that also returns ``extra`` (nodes of gm), after its own outputs."""
+    g = torch.fx.Graph()
+    env: dict = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            g.output((*torch.fx.map_arg(n.args[0], lambda a: env[a]), *[env[x] for x in extra]))
+        else:
+            env[n] = g.node_copy(n, lambda a: env[a])
+    return torch.fx.GraphModule(gm, g)
+
+
+def run_matched(g64, inputs64, decided: dict, sign_nodes: set, consumers: dict) -> list:
+    """Run the float64 graph taking the branches in ``decided`` (node name -> the float32 run's
+    value of a decision node: indices, or the tensor whose sign picks a slope)."""
+
+    class Matched(torch.fx.Interpreter):
+        def run_node(self, n):
+            if n.name in decided and n.name not in sign_nodes:  # max-pool indices
+                super().run_node(n)
+                return decided[n.name]
+            if n in consumers:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                pos, src = consumers[n]
+                args = list(args)
+                v, pos32 = args[pos], decided[src.name] > 0
+                args[pos] = torch.where(pos32, v.abs().clamp_min(1e-300), -v.abs())
+                return getattr(self, n.op)(n.target, tuple(args), kwargs)
+            return super().run_node(n)
+
+    return list(Matched(g64).run(*inputs64))
+
+
+def outputs_and_stats(out, inputs, P: int, R: int) -> list:
+    """[loss] + meta-gradients (zeros where None) + running statistics after a run."""
+    params = inputs[:P]
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, out[1:1 + P])]
+    return [out[0][0]] + grads + [t.clone() for t in inputs[P:P + R]]
+
+
 def agree(args) -> list[dict]:
+    from torch._inductor.compile_fx import compile_fx
+
     rows = []
     for backend in args.backends.split(","):
         cfg = config_of(args.case, args.tasks)
         batch = batch_of(cfg, args.data)
         for epoch in [int(e) for e in args.epochs.split(",")]:
             plan = epoch_plan(cfg, epoch)
-            l64 = MAMLPlusPlus(cfg, backend=backend, dtype=torch.float64)
-            base = l64.state_dict()
-            ref = one_step(l64, batch, plan)
-            l32 = MAMLPlusPlus(cfg, backend=backend)
-            l32.load_state_dict(base)
-            eager = one_step(l32, batch, plan)
+            l32 = MAMLPlusPlus(cfg, backend=backend, compile=True)
+            l64 = MAMLPlusPlus(cfg, backend=backend, dtype=torch.float64, compile=True)
+            l64.load_state_dict(l32.state_dict())
+            state = l32.state_dict()
+            P, R = len(l32.parameters()), len(l32.running_stats)
+            g32, in32 = traced(l32, batch, plan)
+            g64, in64 = traced(l64, batch, plan)
+            if [str(n.target) for n in g32.graph.nodes] != [str(n.target) for n in g64.graph.nodes]:
+                raise SystemExit("the float32 and float64 graphs differ")
+
+            def fresh(inputs):
+                return [t.detach().clone() for t in inputs]
+
+            # the runs: eager (the learner's own step), compiled (the shipped step), plain float64
+            eager_l = MAMLPlusPlus(cfg, backend=backend)
+            eager_l.load_state_dict(state)
+            eager = one_step(eager_l, batch, plan)
             with layout_optimization(args.layout_optimization):
-                lc = MAMLPlusPlus(cfg, backend=backend, compile=True)
-                lc.load_state_dict(base)
+                comp_l = MAMLPlusPlus(cfg, backend=backend, compile=True)
+                comp_l.load_state_dict(state)
                 t0 = time.perf_counter()
-                comp = one_step(lc, batch, plan)
+                comp = one_step(comp_l, batch, plan)
                 first = time.perf_counter() - t0
+            i64 = fresh(in64)
+            plain = outputs_and_stats(g64(*i64), i64, P, R)
+
+            # decisions: the eager graph's (replayed), the compiled graph's (returned as extra outputs)
+            nodes, consumers = decision_nodes(g32)
+            sign_nodes = {n.name for n in consumers.values() for n in [n[1]]}
+            i32 = fresh(in32)
+            out_node = next(n for n in g32.graph.nodes if n.op == "output")
+            keep = {n.name for n in nodes} | {a.name for a in out_node.args[0] if a is not None}
+            env = record(g32, i32, keep)
+            replay = outputs_and_stats(env_output(g32, env), i32, P, R)
+            dec_e = {n.name: env[n.name] for n in nodes}
+            gx = with_outputs(g32, nodes)
+            ix = fresh(in32)
+            options = dict(compiled_mode.INDUCTOR_OPTIONS, layout_optimization=args.layout_optimization)
+            with torch._inductor.config.patch(options), torch.no_grad():
+                outx = compile_fx(gx, fresh(in32))(*ix)
+            n_out = len(outx) - len(nodes)
+            compx = outputs_and_stats(list(outx[:n_out]), ix, P, R)
+            dec_c = {n.name: v for n, v in zip(nodes, outx[n_out:])}
+            i64 = fresh(in64)
+            matched_e = outputs_and_stats(run_matched(g64, i64, dec_e, sign_nodes, consumers), i64, P, R)
+            i64 = fresh(in64)
+            matched_c = outputs_and_stats(run_matched(g64, i64, dec_c, sign_nodes, consumers), i64, P, R)
+            dec_64 = {n.name: record_value for n, record_value in zip(nodes, decision_values(g64, fresh(in64), nodes))}
+
+            def flips(a, b):
+                total = 0
+                for n in nodes:
+                    x, y = a[n.name], b[n.name]
+                    total += int((x != y).sum()) if n.name not in sign_nodes else int(((x > 0) != (y > 0)).sum())
+                return total
+
             names = ["loss"] + [n for n, _ in l32.named_parameters()]
             names += [f"running_{k}[{i}]" for k in ("mean", "var") for i in range(len(l32.running_mean))]
-            scale = max(float(g.double().norm()) for g in ref[1:len(l32.parameters()) + 1])
-            worst = {"eager": 0.0, "compiled": 0.0}
-            P = len(l32.parameters())
-            for i, (name, r, e, c) in enumerate(zip(names, ref, eager, comp)):
-                null = 1 <= i <= P and float(r.double().norm()) < NULL * scale
-                if null:
-                    ee, cc = float((e.double() - r).norm()) / scale, float((c.double() - r).norm()) / scale
-                else:
-                    ee, cc = rel(e, r), rel(c, r)
-                    worst["eager"], worst["compiled"] = max(worst["eager"], ee), max(worst["compiled"], cc)
-                rows.append(dict(case=args.case, backend=backend, epoch=epoch, tensor=name,
-                                 kind="null (vs largest)" if null else "relative", eager_fp32=ee, compiled_fp32=cc,
-                                 ratio=cc / ee if ee > 0 else float("nan")))
+            scale = max(float(g.double().norm()) for g in plain[1:P + 1])
+            runs = {"eager_vs_f64": (eager, plain), "compiled_vs_f64": (comp, plain),
+                    "eager_vs_matched": (eager, matched_e), "compiled_vs_matched": (compx, matched_c),
+                    "compiled_vs_eager": (comp, eager)}
+            worst = {k: 0.0 for k in runs}
+            for i, name in enumerate(names):
+                null = 1 <= i <= P and float(plain[i].double().norm()) < NULL * scale
+                row = dict(case=args.case, backend=backend, epoch=epoch, tensor=name,
+                           kind="null: abs/largest" if null else "relative")
+                for k, (a, r) in runs.items():
+                    if null:
+                        row[k] = float((a[i].double() - r[i].double()).norm()) / scale
+                    else:
+                        row[k] = rel(a[i], r[i])
+                        worst[k] = max(worst[k], row[k])
+                rows.append(row)
+            gate = worst["compiled_vs_matched"] <= GATE and worst["compiled_vs_f64"] <= max(GATE, 2 * worst[
+                "eager_vs_f64"])
             rows.append(dict(case=args.case, backend=backend, epoch=epoch, tensor="WORST (non-null)",
-                             kind=f"gate {GATE:g}: {'pass' if worst['compiled'] <= GATE else 'FAIL'}",
-                             eager_fp32=worst["eager"], compiled_fp32=worst["compiled"],
-                             ratio=worst["compiled"] / max(worst["eager"], 1e-30)))
-            print(f"{args.case}/{backend}/epoch {epoch}: first compiled step {first:.1f} s "
-                  f"(trace + compile or cache load); layout_optimization={args.layout_optimization}", flush=True)
-    timing.print_table(rows, [("backend", "backend", "s"), ("epoch", "epoch", "d"), ("tensor", "tensor", "s"),
-                              ("kind", "error", "s"), ("eager_fp32", "eager fp32", ".2e"),
-                              ("compiled_fp32", "compiled fp32", ".2e"), ("ratio", "ratio", ".2f")])
+                             kind=f"gate: {'pass' if gate else 'FAIL'}", **worst))
+            same_replay = all(torch.equal(a, b) for a, b in zip(replay, eager))
+            same_x = max(rel(a, b) if float(b.double().norm()) > 0 else 0.0 for a, b in zip(compx, comp))
+            print(f"{args.case}/{backend}/epoch {epoch} ({args.data} data): first compiled step {first:.1f} s "
+                  f"(trace + compile or cache load), layout_optimization={args.layout_optimization}; branch flips "
+                  f"vs plain float64: eager {flips(dec_e, dec_64)}, compiled {flips(dec_c, dec_64)}; compiled vs "
+                  f"eager {flips(dec_c, dec_e)} (of {sum(dec_e[n.name].numel() for n in nodes)} decisions); fx replay "
+                  f"== eager: {same_replay}; compiled with decision outputs vs shipped: {same_x:.1e}", flush=True)
+    cols = [("backend", "backend", "s"), ("epoch", "epoch", "d"), ("tensor", "tensor", "s"), ("kind", "error", "s")]
+    cols += [(k, k.replace("_", " "), ".2e") for k in ("eager_vs_f64", "compiled_vs_f64", "eager_vs_matched",
+                                                       "compiled_vs_matched", "compiled_vs_eager")]
+    timing.print_table(rows, cols)
     return rows
 
 
+def env_output(gm, env) -> list:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return [None if a is None else env[a.name] for a in out.args[0]]
+
+
+def decision_values(gm, inputs, nodes) -> list:
+    env = record(gm, inputs, {n.name for n in nodes})
+    return [env[n.name] for n in nodes]
+
+
 # ------------------------------------------------------------------------------------ bisect
-def record(gm, inputs) -> dict:
+def record(gm, inputs, keep=None) -> dict:
+    """Run gm eagerly; {node name: value} of every node (or of the names in ``keep``)."""
     env = {}
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
-            env[n.name] = out = super().run_node(n)
+            out = super().run_node(n)
+            if keep is None or n.name in keep:
+                env[n.name] = out
             return out
 
     Recorder(gm).run(*inputs)

@@ -190,13 +190,13 @@ def test_compiled_step_is_as_close_to_float64_as_eager(backend, epoch):
 
 @needs_compiler
 def test_one_compile_per_capture_key_and_training_steps_match_eager():
-    cfg = tiny()
+    cfg = tiny(first_order_to_second_order_epoch=0)
     eager = MAMLPlusPlus(cfg, backend="batched")
     logs = []
     comp = MAMLPlusPlus(cfg, backend="batched", compile=True)
     comp.step.log = logs.append
     comp.load_state_dict(eager.state_dict())
-    # epochs 0 and 1: MSL (different weights), first order then second order (DA after epoch 1);
+    # epochs 0 and 1: MSL (different weights), first order then second order (DA after epoch 0);
     # 2 and 3: last step only, second order
     for step, epoch in enumerate([0, 0, 1, 2, 3]):
         data = batch(cfg, seed=step)
@@ -205,9 +205,12 @@ def test_one_compile_per_capture_key_and_training_steps_match_eager():
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     assert comp.step.compiles == 3 and len(logs) == 3  # (MSL, first), (MSL, second), (last only, second)
     assert "MSL every step: True, second order: False" in logs[0]
-    for p, q in zip(eager.parameters(), comp.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
-    for p, q in zip(eager.running_stats, comp.running_stats):
+    for (name, p), q in zip(eager.named_parameters(), comp.parameters()):
+        # a conv bias in front of a batch norm has an exact meta-gradient of 0: Adam turns the
+        # rounding noise it gets instead into steps of ±lr, in eager and compiled runs alike
+        if not (name.startswith("conv") and name.endswith(".bias")):
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+    for p, q in zip(eager.running_var, comp.running_var):  # (the means follow those biases)
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
     # a checkpoint from the compiled learner resumes in an eager one and vice versa
     assert eager.state_dict()["optimizer"]["state"].keys() == comp.state_dict()["optimizer"]["state"].keys()
@@ -240,5 +243,6 @@ def test_compiled_step_in_graph_mode_matches_eager_on_cuda(backend):
         b = comp.meta_step(*data, epoch=epoch)
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert comp.graph.captures == 2 and comp.step.compiles == 2
-    for p, q in zip(eager.parameters(), comp.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)
+    for (name, p), q in zip(eager.named_parameters(), comp.parameters()):
+        if not (name.startswith("conv") and name.endswith(".bias")):  # see the CPU test above
+            torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-5)
