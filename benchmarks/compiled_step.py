@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import operator
 import os
-import re
 import sys
 import time
 
@@ -473,23 +472,9 @@ def ties(args) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------ kernels
-def parse_kernels(code: str) -> dict:
-    """Kernel launches and extern calls in the ``call`` function of inductor's output code."""
-    kernels = set(re.findall(r"^(\w+) = async_compile\.\w+\(", code, re.M))
-    body = code[code.index("def call("):] if "def call(" in code else code
-    launches = sum(len(re.findall(rf"\b{k}(?:\.run)?\(", body)) for k in kernels)
-    externs = re.findall(r"\b(extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?|aten\.\w+(?:\.\w+)?)\(", body)
-    copies = len(re.findall(r"\.copy_\(", body))
-    by: dict[str, int] = {}
-    for e in externs:
-        by[e] = by.get(e, 0) + 1
-    return dict(generated=launches, extern=len(externs) + copies, distinct_kernels=len(kernels), externs_by=by,
-                copies=copies)
-
-
 def kernels(args) -> list[dict]:
-    from torch._inductor.graph import GraphLowering
-
+    """The compiled step's kernels per meta-step against the eager step's compute ops (the counting
+    is host.py's: ``host.count_step``, ``host.count_compiled_step``)."""
     import host
 
     rows = []
@@ -497,37 +482,20 @@ def kernels(args) -> list[dict]:
         for tasks in [int(t) for t in args.task_counts.split(",")]:
             cfg = config_of(args.case, tasks)
             batch = batch_of(cfg, "uniform" if args.data == "omniglot" else args.data)
-            plan = epoch_plan(cfg, 0)
-            eager = MAMLPlusPlus(cfg, backend=backend)
-            eager.meta_step(*batch, epoch=0)
-            counter = host.OpCounter()
-            with counter:
-                eager.meta_step(*batch, epoch=0)
-            codes: list[str] = []
-            lc = MAMLPlusPlus(cfg, backend=backend, compile=True)
-            before = GraphLowering.save_output_code
-            GraphLowering.save_output_code = staticmethod(codes.append)
-            try:
-                lc.meta_step(*batch, epoch=0)
-            finally:
-                GraphLowering.save_output_code = before
-            k = parse_kernels(codes[-1]) if codes else dict(generated=None, extern=None, distinct_kernels=None)
-            around = host.OpCounter()  # the eager ops around the compiled graph (Adam, .grad bookkeeping)
-            with around:
-                lc.step.outer_update()
-            total = None if k["generated"] is None else k["generated"] + k["extern"] + around.compute
-            rows.append(dict(case=args.case, backend=backend, tasks=tasks, plan=f"MSL {plan.score_every_step}, "
-                             f"second order {plan.second_order}", eager_compute_ops=counter.compute,
-                             generated=k["generated"], extern=k["extern"], around=around.compute, compiled_total=total,
-                             ratio=None if total is None else total / counter.compute,
-                             externs_by=k.get("externs_by")))
+            eager = host.count_step(MAMLPlusPlus(cfg, backend=backend), batch)
+            comp = host.count_compiled_step(MAMLPlusPlus(cfg, backend=backend, compile=True), batch)
+            rows.append(dict(case=args.case, backend=backend, tasks=tasks, eager_compute_ops=eager["compute_ops"],
+                             eager_conv_ops=eager["conv_ops"], **comp,
+                             ratio=comp["kernels"] / eager["compute_ops"]))
     timing.print_table(rows, [("backend", "backend", "s"), ("tasks", "T", "d"),
-                              ("eager_compute_ops", "eager compute ops", "d"), ("generated", "generated kernels", "d"),
+                              ("eager_compute_ops", "eager compute ops", "d"),
+                              ("eager_conv_ops", "eager conv ops", "d"), ("generated", "generated kernels", "d"),
                               ("extern", "extern calls", "d"), ("around", "eager ops around", "d"),
-                              ("compiled_total", "compiled total", "d"), ("ratio", "compiled/eager", ".2f")])
+                              ("kernels", "compiled kernels", "d"), ("conv_ops", "compiled conv calls", "d"),
+                              ("ratio", "compiled/eager", ".2f")])
     if args.verbose:
         for r in rows:
-            print(r["backend"], r["tasks"], r["externs_by"])
+            print(r["backend"], r["tasks"], r["top_ops"])
     return rows
 
 
