@@ -17,6 +17,14 @@ independent and run anywhere:
 Cases: Omniglot 5-way 1-shot and 20-way 1-shot (meta-batch 8, 5 steps, second order, MSL), epoch 0.
 ``--tasks 2,8,32`` counts (no host time) at those meta-batch sizes instead: how the ops, and the
 convolutions, of a meta-step grow with the number of tasks T.
+
+``--compiled`` adds a row per batched backend in compiled mode (NOTE [Compiled step] in
+mamlpp_ext/model/compiled.py): the kernels one meta-step launches — ``generated`` (inductor's own
+kernels) and ``extern`` (calls inductor leaves to ATen or to our ops: convolutions, matmuls,
+mamlpp_ext ops, the copies back into mutated inputs), read from inductor's output code — plus
+the eager ops around the compiled graph (the guard, the clamp and Adam), against the eager
+step's compute ops. The first run of a graph compiles it (minutes on a 2-core CPU; inductor's
+cache in ``$TORCHINDUCTOR_CACHE_DIR`` makes later runs quick).
 Run through ``benchmarks/inner_loop.py --what host`` or directly.
 """
 
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import re
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -32,9 +41,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import meta_step  # benchmarks/ is on sys.path when run as a script or through inner_loop.py
 import timing
 
-COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("T", "T", "d"), ("ops", "ops/step", "d"),
-           ("compute_ops", "compute ops", "d"), ("conv_ops", "conv ops", "d"), ("custom_ops", "custom ops", "d"),
-           ("py_calls", "Python calls", "d"), ("host_ms", "host-proxy ms", ".1f")]
+COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("mode", "mode", "s"), ("T", "T", "d"),
+           ("ops", "ops/step", "d"), ("compute_ops", "compute ops", "d"), ("conv_ops", "conv ops", "d"),
+           ("custom_ops", "custom ops", "d"), ("py_calls", "Python calls", "d"), ("host_ms", "host-proxy ms", ".1f"),
+           ("generated", "generated kernels", "d"), ("extern", "extern calls", "d"),
+           ("around", "eager ops around", "d"), ("kernels", "kernels/step", "d"),
+           ("vs_eager", "kernels/eager compute", ".2f")]
 
 CASES = [("omniglot 5-way 1-shot", "omniglot-5way-1shot"), ("omniglot 20-way 1-shot", "omniglot-20way-1shot")]
 
@@ -79,6 +91,67 @@ def count_step(learner, batch) -> dict:
                 py_calls=pstats.Stats(prof).total_calls, top_ops=top)
 
 
+def parse_output_code(code: str) -> dict:
+    """What one run of an inductor-compiled graph launches, from its output code: ``generated``
+    (calls of the kernels it defines), ``extern`` (statements calling ``extern_kernels.*`` or
+    ``torch.ops.*``, and ``.copy_`` back into mutated inputs), ``conv`` (extern convolutions and
+    convolution backwards, ours included) and ``by_name`` (extern calls per callee)."""
+    kernels = set(re.findall(r"^(\w+) = async_compile\.\w+\(", code, re.M))
+    generated, by_name = 0, {}
+    for line in code[code.index("def call("):].splitlines():
+        stmt = line.strip()
+        if not stmt or stmt.startswith("#"):
+            continue
+        m = re.match(r"^(?:\w+ = )?(\w+)(?:\.run)?\(", stmt)
+        if m and m.group(1) in kernels:
+            generated += 1
+            continue
+        m = re.match(r"^(?:[\w, ]+ = )?(extern_kernels\.\w+|torch\.ops\.\w+\.\w+(?:\.\w+)?)\(", stmt)
+        if m is None and re.match(r"^\w+\.copy_\(", stmt):
+            m = re.match(r"^\w+(\.copy_)\(", stmt)
+        if m:
+            by_name[m.group(1)] = by_name.get(m.group(1), 0) + 1
+    extern = sum(by_name.values())
+    conv = sum(n for k, n in by_name.items() if "conv" in k)
+    return dict(generated=generated, extern=extern, conv=conv, by_name=by_name)
+
+
+def count_compiled_step(learner, batch) -> dict:
+    """Kernels per meta-step of a compiled-mode learner (one capture key): the compiled graph's
+    (``parse_output_code``) and the eager ops around it (counted with the compiled call itself
+    hidden from the counter)."""
+    from torch._inductor.graph import GraphLowering
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    codes: list[str] = []
+    before = GraphLowering.save_output_code
+    GraphLowering.save_output_code = staticmethod(codes.append)  # also called on a cache hit
+    try:
+        learner.meta_step(*batch, epoch=0)
+    finally:
+        GraphLowering.save_output_code = before
+    if not codes:
+        raise RuntimeError("inductor reported no output code for the compiled step")
+    k = parse_output_code(codes[-1])
+    step = learner.step
+    (key, fn), = step.compiled.items()
+
+    def hidden(*a):
+        with _disable_current_modes():
+            return fn(*a)
+
+    step.compiled[key] = hidden
+    counter = OpCounter()
+    try:
+        with counter:
+            learner.meta_step(*batch, epoch=0)
+    finally:
+        step.compiled[key] = fn
+    total = k["generated"] + k["extern"] + counter.compute
+    return dict(generated=k["generated"], extern=k["extern"], around=counter.compute, kernels=total,
+                conv_ops=k["conv"] + counter.conv, top_ops=sorted(k["by_name"].items(), key=lambda kv: -kv[1])[:12])
+
+
 def run(args) -> list[dict]:
     import mamlpp_ext
     from mamlpp_ext.model import BACKENDS, MAMLPlusPlus, from_preset
@@ -97,11 +170,17 @@ def run(args) -> list[dict]:
                     rows.append(row)
                     continue
                 cfg = from_preset(preset)
+                row["mode"] = "eager"
+                compiled = getattr(args, "compiled", False) and not BACKENDS[backend].per_task
                 if tasks:  # counts only, per meta-batch size
                     for T in tasks:
                         cfg_t = cfg.replace(meta_batch=T)
-                        rows.append(dict(row, T=T, **count_step(MAMLPlusPlus(cfg_t, backend=backend),
-                                                                 _batch(cfg_t))))
+                        eager = dict(row, T=T, **count_step(MAMLPlusPlus(cfg_t, backend=backend), _batch(cfg_t)))
+                        rows.append(eager)
+                        if compiled:
+                            c = count_compiled_step(MAMLPlusPlus(cfg_t, backend=backend, compile=True), _batch(cfg_t))
+                            rows.append(dict(row, T=T, mode="compiled", vs_eager=c["kernels"] / eager["compute_ops"],
+                                             **c))
                     continue
                 row["T"] = cfg.meta_batch
                 row.update(count_step(MAMLPlusPlus(cfg, backend=backend), _batch(cfg)))
@@ -111,6 +190,11 @@ def run(args) -> list[dict]:
                                        warmup=2, repeats=repeats)
                 row["host_ms"] = 1e3 * t["median"]
                 rows.append(row)
+                if compiled:
+                    c = count_compiled_step(MAMLPlusPlus(cfg, backend=backend, compile=True), _batch(cfg))
+                    rows.append(dict(row, mode="compiled", T=cfg.meta_batch, ops=None, compute_ops=None,
+                                     custom_ops=None, py_calls=None, host_ms=None,
+                                     vs_eager=c["kernels"] / row["compute_ops"], **c))
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -122,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", action="store_true", help="also print the most frequent ops per case")
     p.add_argument("--tasks", default="", metavar="T1,T2,...",
                    help="count ops (no host time) at these meta-batch sizes, e.g. 2,8,32")
+    p.add_argument("--compiled", action="store_true",
+                   help="also count the compiled step's kernels (compiles each case's graph: minutes when cold)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     rows = run(args)

@@ -11,7 +11,11 @@ backward and the Adam step. Cases, with the public settings (SPEC §4), at epoch
 Backends: ``sequential`` (tasks one after another, pure autograd; the baseline), ``batched``
 (all tasks at once, pure autograd) and ``fused`` (batched + compiled ops; skipped without the
 extension); on CUDA also ``batched+graph`` and ``fused+graph`` (the step captured as a CUDA
-graph and replayed, batches copied in from pinned memory). ``--meta-step-conv-layouts`` adds
+graph and replayed, batches copied in from pinned memory). Asked for by name only (each compiles
+its graph first: minutes on a small CPU, seconds from inductor's cache): ``batched+compiled``,
+``fused+compiled`` and on CUDA ``batched+graph+compiled``, ``fused+graph+compiled`` (the compiled
+step, NOTE [Compiled step] in mamlpp_ext/model/compiled.py; its first, compiling step is a
+warm-up step, its time in ``compile_s``). ``--meta-step-conv-layouts`` adds
 rows per convolution layout (NOTE [Convolution layout] in model/lifting.py). Reports the median
 seconds per meta-step after warm-up, the speed-up over ``sequential`` and, on CUDA, the peak
 memory allocated during the timed steps.
@@ -26,6 +30,7 @@ import argparse
 import gc
 import os
 import sys
+import time
 
 import torch
 
@@ -39,10 +44,12 @@ from mamlpp_ext.model import BACKENDS as _TABLE  # noqa: E402
 
 BACKENDS = tuple(_TABLE)  # every backend of the table; graph mode for those that run tasks at once
 GRAPH_BACKENDS = tuple(f"{name}+graph" for name, impl in _TABLE.items() if not impl.per_task)
+COMPILED_BACKENDS = tuple(f"{name}{mode}+compiled" for name, impl in _TABLE.items() if not impl.per_task
+                          for mode in ("", "+graph"))
 COLUMNS = [("case", "case", "s"), ("backend", "backend", "s"), ("tasks", "T", "d"),
            ("median_s", "median s/step", ".4f"), ("iqr_s", "iqr s", ".4f"), ("runs", "runs", "d"),
            ("speedup_vs_sequential", "vs sequential", ".2f"), ("speedup_vs_batched", "vs batched", ".2f"),
-           ("peak_mib", "peak MiB", ".1f"), ("note", "note", "s")]
+           ("peak_mib", "peak MiB", ".1f"), ("compile_s", "compile s", ".1f"), ("note", "note", "s")]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,9 +96,9 @@ def run(args) -> list[dict]:
     cases = [c for c in cases_arg.split(",") if c]
     backends = [b for b in getattr(args, "meta_step_backends", ",".join(BACKENDS)).split(",") if b]
     for b in backends:
-        if b not in BACKENDS + GRAPH_BACKENDS:
+        if b not in BACKENDS + GRAPH_BACKENDS + COMPILED_BACKENDS:
             raise SystemExit(f"--meta-step-backends: unknown backend {b!r}; expected some of "
-                             f"{BACKENDS + GRAPH_BACKENDS}")
+                             f"{BACKENDS + GRAPH_BACKENDS + COMPILED_BACKENDS}")
     if device.type == "cuda" and getattr(args, "meta_step_backends", None) in (None, ",".join(BACKENDS)):
         backends += [b for b in GRAPH_BACKENDS if b.split("+")[0] in backends]
     layouts = [v for v in getattr(args, "meta_step_conv_layouts", "").split(",") if v]
@@ -107,7 +114,7 @@ def run(args) -> list[dict]:
         case_rows = []
         for backend, layout in variants:
             label = backend if layout is None else f"{backend}/{layout}"
-            name, graph = backend.split("+")[0], backend.endswith("+graph")
+            name, graph, compiled = backend.split("+")[0], "+graph" in backend, backend.endswith("+compiled")
             row = dict(section="meta-step", case=case, backend=label, tasks=cfg.meta_batch, ways=cfg.ways,
                        shots=cfg.shots, queries=cfg.queries, inner_steps=cfg.inner_steps, device=str(device),
                        dtype=str(dtype).replace("torch.", ""), median_s=None, note="")
@@ -115,7 +122,11 @@ def run(args) -> list[dict]:
                 row["note"] = "extension not built"
                 case_rows.append(row)
                 continue
-            learner = MAMLPlusPlus(cfg, backend=name, device=device, dtype=dtype, graph=graph)
+            learner = MAMLPlusPlus(cfg, backend=name, device=device, dtype=dtype, graph=graph, compile=compiled)
+            if compiled:  # the first step traces and compiles (or loads from inductor's cache)
+                t0 = time.perf_counter()
+                learner.meta_step(*batch, epoch=0)
+                row["compile_s"] = time.perf_counter() - t0
             if layout is not None:
                 learner.net.conv_layout = layout
             row["conv_layout"] = learner.net.conv_layout

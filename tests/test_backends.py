@@ -33,7 +33,7 @@ def no_extension(monkeypatch):
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_a_named_backend_runs_as_asked_or_fails_saying_why(name):
     if runnable(name):
-        assert resolve_execution("cpu", "omniglot", name) == (name, False, ())
+        assert resolve_execution("cpu", "omniglot", name) == (name, False, (), False)
         assert MAMLPlusPlus(tiny(), backend=name).backend == name
     else:
         with pytest.raises(RuntimeError, match=f"backend={name!r} needs the compiled"):
@@ -59,7 +59,7 @@ def test_an_unrunnable_default_falls_back_with_a_note(no_extension, monkeypatch)
     ex = resolve_execution("cpu", "omniglot")
     assert ex.backend == "batched" and len(ex.notes) == 1 and "backend='fused' needs the compiled" in ex.notes[0]
     monkeypatch.setitem(DEFAULT_BACKENDS, ("cpu", "omniglot"), "sequential")
-    assert resolve_execution("cpu", "omniglot") == ("sequential", False, ())
+    assert resolve_execution("cpu", "omniglot") == ("sequential", False, (), False)
 
 
 def test_a_named_compiled_backend_without_kernels_is_an_error(no_extension):
@@ -94,7 +94,7 @@ def test_graph_mode_on_cpu():
         resolve_execution("cpu", "omniglot", "batched", True)
     ex = resolve_execution("cpu", "omniglot", "batched", "auto")
     assert ex == ("batched", False, ("graph mode off: graph mode needs a CUDA device (CUDA graphs); this learner "
-                                     "is on cpu",))
+                                     "is on cpu",), False)
     for bad in ("on", 1, None, "yes"):
         with pytest.raises(ValueError, match="graph must be False, True or 'auto'"):
             resolve_execution("cpu", "omniglot", "batched", bad)
@@ -116,7 +116,7 @@ def test_unknown_backend_names_the_choices():
 
 def test_learner_records_what_runs_and_switches_through_the_resolver(no_extension):
     learner = MAMLPlusPlus(tiny(), backend="sequential")
-    assert learner.execution == ("sequential", False, ())
+    assert learner.execution == ("sequential", False, (), False)
     learner.backend = "batched"
     assert learner.backend == "batched" and learner.execution.backend == "batched"
     with pytest.raises(RuntimeError, match="needs the compiled"):

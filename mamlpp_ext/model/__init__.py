@@ -7,8 +7,8 @@
   (``lifting``: ``torch.fx`` tracing and the table of supported layers) and the built-in
   networks — the paper's VGG net, conv4 and ResNet-12 (``networks``: ``NETWORKS``);
 * :mod:`~mamlpp_ext.model.backends` — the table of backends (sequential / batched / fused) and
-  ``resolve_execution``, the one function that decides which backend and mode (eager or CUDA
-  graph) run;
+  ``resolve_execution``, the one function that decides which backend and modes (eager or CUDA
+  graph, op by op or compiled) run;
 * :mod:`~mamlpp_ext.model.step` — the step: inner loop, meta-loss, outer update, behind the
   interface every execution mode calls (NOTE [Step interface]);
 * :mod:`~mamlpp_ext.model.recompute` — inner steps that keep only their inputs and rerun in the
@@ -16,7 +16,9 @@
 * :mod:`~mamlpp_ext.model.memory` — the step's memory: ``LiveBytes`` (a live-storage counter)
   and ``estimate_peak_memory`` (a configuration's peak, counted without allocating it);
 * :mod:`~mamlpp_ext.model.meta_learner` — ``MAMLPlusPlus``: the learner's state and public API;
-* :mod:`~mamlpp_ext.model.graph` — graph mode (the step captured as CUDA graphs).
+* :mod:`~mamlpp_ext.model.graph` — graph mode (the step captured as CUDA graphs);
+* :mod:`~mamlpp_ext.model.compiled` — the compiled step (forward and backward traced and compiled
+  by inductor, NOTE [Compiled step]).
 
 Imports only :mod:`mamlpp_ext.ops` from the rest of the package.
 """

@@ -2,7 +2,8 @@
 
 A *backend* says how the algorithm is computed (``BACKENDS``); a *mode* says how the step is
 executed — eagerly, op by op, or captured once as a CUDA graph and replayed (NOTE [Graph mode]
-in graph.py). ``resolve_execution`` turns (device, dataset, requested backend, requested mode)
+in graph.py) — and whether its forward and backward run as one compiled graph (NOTE [Compiled
+step] in compiled.py). ``resolve_execution`` turns (device, dataset, requested backend, requested modes)
 into what runs, and says why whenever it runs something other than what was asked. The learner's
 constructor and backend switch, ``MAMLPlusPlus.from_state_dict``, the trainer and the command
 lines all ask it; nothing else chooses.
@@ -25,6 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
+import importlib.util
+import os
+import shutil
 import sys
 
 import torch
@@ -32,8 +36,8 @@ import torch
 from .. import ops
 from ..ops import reference
 
-__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "Backend", "Execution", "backend_unavailable", "graph_support",
-           "report_notes", "resolve_execution"]
+__all__ = ["BACKENDS", "DEFAULT_BACKENDS", "Backend", "Execution", "backend_unavailable", "compile_support",
+           "graph_support", "report_notes", "resolve_execution"]
 
 
 @dataclass(frozen=True)
@@ -86,12 +90,14 @@ _FALLBACK_BACKEND = "fused"
 
 
 class Execution(NamedTuple):
-    """What runs: ``backend`` (a name in ``BACKENDS``), ``graph`` (True: graph mode) and ``notes``
-    (one line per thing that runs otherwise than asked, with the reason; empty when none)."""
+    """What runs: ``backend`` (a name in ``BACKENDS``), ``graph`` (True: graph mode), ``notes``
+    (one line per thing that runs otherwise than asked, with the reason; empty when none) and
+    ``compiled`` (True: the compiled training step)."""
 
     backend: str
     graph: bool
     notes: tuple[str, ...]
+    compiled: bool = False
 
 
 def backend_unavailable(name: str, device: torch.device) -> Optional[str]:
@@ -117,8 +123,29 @@ def graph_support(device: torch.device, backend: str) -> Optional[str]:
     return None
 
 
+def compile_support(device: torch.device, backend: str, recompute: str = "off") -> Optional[str]:
+    """None when the compiled step (NOTE [Compiled step] in compiled.py) can run for this device,
+    backend and recomputation mode (``MAMLConfig.recompute``), else why not (one line)."""
+    if device.type not in ("cpu", "cuda"):
+        return f"the compiled step runs on cpu or cuda; this learner is on {device.type}"
+    if BACKENDS[backend].per_task:
+        return (f"backend {backend!r} runs the tasks one by one as the plain reference; the compiled step "
+                "compiles the batched and fused backends")
+    if recompute not in (None, "off"):
+        return (f"the compiled step does not combine with recompute={recompute!r}: the compiler would merge the "
+                "recomputed ops back into the forward and the memory saving would not hold; use one or the other")
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX"), "c++", "g++", "clang++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            return "the compiled step needs a C++ compiler on the CPU (none found: set CXX or install g++)"
+    elif importlib.util.find_spec("triton") is None:
+        return "the compiled step needs Triton on CUDA (the triton package is not installed)"
+    return None
+
+
 def resolve_execution(device: torch.device | str, dataset: str = "omniglot", backend: Optional[str] = None,
-                      graph: bool | str = False, *, stored_backend: Optional[str] = None) -> Execution:
+                      graph: bool | str = False, *, stored_backend: Optional[str] = None,
+                      compile: bool | str = False, recompute: str = "off") -> Execution:
     """Decide what runs a learner's steps.
 
     Args:
@@ -131,12 +158,18 @@ def resolve_execution(device: torch.device | str, dataset: str = "omniglot", bac
             run) or "auto" (graph mode where it can run, else eager with a note).
         stored_backend: the backend a checkpoint was saved with, used when ``backend`` is None
             (and replaced by the default, with a note, when it cannot run here).
+        compile: the compiled training step (NOTE [Compiled step] in compiled.py): False, True (a
+            ValueError where it cannot run) or "auto" (where it can run, else eager with a note).
+        recompute: the config's recomputation mode (``MAMLConfig.recompute``; the compiled step
+            refuses every mode but "off").
 
     Returns an ``Execution``.
     """
     device = torch.device(device)
     if not (graph is True or graph is False or (isinstance(graph, str) and graph == "auto")):
         raise ValueError(f"graph must be False, True or 'auto', got {graph!r}")
+    if not (compile is True or compile is False or (isinstance(compile, str) and compile == "auto")):
+        raise ValueError(f"compile must be False, True or 'auto', got {compile!r}")
     notes: list[str] = []
     if backend is not None:
         if backend not in BACKENDS:
@@ -169,7 +202,19 @@ def resolve_execution(device: torch.device | str, dataset: str = "omniglot", bac
             raise ValueError(why)
         else:
             notes.append(f"graph mode off: {why}")
-    return Execution(chosen, use_graph, tuple(notes))
+    use_compile = False
+    if compile is True or compile == "auto":
+        why = compile_support(device, chosen, recompute)
+        if why is None:
+            use_compile = True
+            if device.type == "cuda" and not use_graph:
+                notes.append("compiled step without graph mode: its kernels are launched one by one; graph mode "
+                             "(graph=True, --graph on) replays it as a CUDA graph")
+        elif compile is True:
+            raise ValueError(why)
+        else:
+            notes.append(f"compiled step off: {why}")
+    return Execution(chosen, use_graph, tuple(notes), use_compile)
 
 
 _REPORTED: set = set()  # notes already printed by report_notes

@@ -7,8 +7,8 @@ DA, BNRS, BNWB and LSLR, each of which can be switched off (all off is plain MAM
 is the paper's VGG net, a user's ``nn.Sequential`` (lifted by ``network.SequentialNet``) or any
 ``network.TaskNetwork``.
 
-What runs the step — the backend (``BACKENDS``: sequential, batched, fused) and the mode (eager or
-CUDA graph) — is decided by ``backends.resolve_execution``; what the step does is in step.py
+What runs the step — the backend (``BACKENDS``: sequential, batched, fused) and the modes (eager or
+CUDA graph; op by op or compiled) — is decided by ``backends.resolve_execution``; what the step does is in step.py
 (NOTE [Step interface]): this module holds the learner's state and its public API.
 
 NOTE [Rows beyond S]
@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from .backends import BACKENDS, Backend, report_notes, resolve_execution
+from .compiled import CompiledStep
 from .config import MAMLConfig, from_preset
 from .graph import GraphRunner
 from .network import NETWORKS, LiftedNet, TaskNetwork, VGGNet
@@ -104,6 +105,10 @@ class MAMLPlusPlus:
         graph: CUDA-graph mode (NOTE [Graph mode] in graph.py): False (eager), True (capture the
             training step and evaluation; raises when the device or backend cannot), or "auto"
             (graph mode when it can run, else eager with one line on stderr saying why).
+        compile: the compiled training step (NOTE [Compiled step] in compiled.py): False (op by
+            op), True (forward and backward traced and compiled once per capture key; raises
+            when it cannot run here) or "auto" (compiled where it can run, else op by op with a
+            note). Evaluation stays op by op.
 
     State (K fast-weight tensors of the network; K' = K, or K + 2 per affine BN layer with
     ``adapt_bn_affine``; S = inner_steps; C = a BN layer's channels):
@@ -120,12 +125,13 @@ class MAMLPlusPlus:
       modes] in step.py).
 
     The step itself — inner loop, meta-loss, outer update — is ``step`` (a ``step.MetaStep``,
-    NOTE [Step interface]); ``graph`` is the graph-mode runner or None.
+    NOTE [Step interface]; a ``compiled.CompiledStep`` in compiled mode); ``graph`` is the
+    graph-mode runner or None.
     """
 
     def __init__(self, config: MAMLConfig | str, backend: Optional[str] = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 network=None, graph: bool | str = False) -> None:
+                 network=None, graph: bool | str = False, compile: bool | str = False) -> None:
         if isinstance(config, str):
             config = from_preset(config)
         if not isinstance(config, MAMLConfig):
@@ -141,7 +147,8 @@ class MAMLPlusPlus:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         # "check": eager steps with the capturable optimizer state, no runner (graph.check_capturable)
-        self.execution = resolve_execution(self.device, config.dataset, backend, False if graph == "check" else graph)
+        self.execution = resolve_execution(self.device, config.dataset, backend, False if graph == "check" else graph,
+                                           compile=compile, recompute=config.recompute)
         report_notes(self.execution.notes)
         self.backend_impl: Backend = BACKENDS[self.execution.backend]
         self.net = build_network(config, network)
@@ -178,7 +185,7 @@ class MAMLPlusPlus:
         capturable = graph == "check" or self.execution.graph
         self.outer = OuterOptimizer(self.parameters(), meta_lr_at(config, 0), self.device, capturable)
         self.optimizer: torch.optim.Adam = self.outer.optimizer
-        self.step = MetaStep(self)
+        self.step = CompiledStep(self) if self.execution.compiled else MetaStep(self)
         self.graph: Optional[GraphRunner] = GraphRunner(self) if self.execution.graph else None
         self.last_epoch: Optional[int] = None
         self.meta_steps_done = 0
@@ -197,12 +204,15 @@ class MAMLPlusPlus:
     @backend.setter
     def backend(self, name: str) -> None:
         graph = self.graph is not None
+        compiled = self.execution.compiled
         try:
-            execution = resolve_execution(self.device, self.config.dataset, name, graph)
+            execution = resolve_execution(self.device, self.config.dataset, name, graph, compile=compiled,
+                                          recompute=self.config.recompute)
         except ValueError as exc:
-            if not graph or name not in BACKENDS:
+            if not (graph or compiled) or name not in BACKENDS:
                 raise
-            raise ValueError(f"cannot switch a graph-mode learner to backend {name!r}: {exc}") from None
+            mode = "graph-mode" if graph else "compiled"
+            raise ValueError(f"cannot switch a {mode} learner to backend {name!r}: {exc}") from None
         self.execution = execution
         self.backend_impl = BACKENDS[name]
         self.net.use_backend_layout(self.backend_impl.conv_layout)
@@ -512,19 +522,22 @@ class MAMLPlusPlus:
 
     @classmethod
     def from_state_dict(cls, state: dict, backend: Optional[str] = None, device=None,
-                        dtype: Optional[torch.dtype] = None, network=None, graph: bool | str = False) -> "MAMLPlusPlus":
+                        dtype: Optional[torch.dtype] = None, network=None, graph: bool | str = False,
+                        compile: bool | str = False) -> "MAMLPlusPlus":
         """A learner built from the config stored in ``state`` and loaded with it. ``backend``:
         as in the constructor; None runs the stored backend where it can run here, else the
-        default (with a note). ``network``, ``graph``: as in the constructor (``network`` is needed
+        default (with a note). ``network``, ``graph``, ``compile``: as in the constructor (``network`` is needed
         when the learner was built with a network object rather than one its config names)."""
         if not isinstance(state, dict) or "config" not in state:
             raise ValueError("state is not a MAMLPlusPlus state_dict (no 'config')")
         dtype = dtype or state["theta"][0].dtype
         config = MAMLConfig.from_dict(state["config"])
         execution = resolve_execution(device if device is not None else "cpu", config.dataset, backend,
-                                      graph, stored_backend=state.get("backend"))
+                                      graph, stored_backend=state.get("backend"), compile=compile,
+                                      recompute=config.recompute)
         report_notes(execution.notes)
-        learner = cls(config, backend=execution.backend, device=device, dtype=dtype, network=network, graph=graph)
+        learner = cls(config, backend=execution.backend, device=device, dtype=dtype, network=network, graph=graph,
+                      compile=compile)
         learner.load_state_dict(state)
         return learner
 

@@ -26,6 +26,12 @@ NOTE [Step interface]
       no state.
     * ``set_meta_lr(lr)`` — Adam's learning rate for the coming steps (CA).
 
+    ``forward_backward`` computes through ``loss_and_gradients`` (same contract: the meta-loss's
+    gradients into ``.grad``, the device metrics returned), the one method another execution of
+    the step replaces (the compiled step, NOTE [Compiled step] in compiled.py); the step reads
+    the learner's tensors through ``tensors()``, which ``reading(...)`` points at other tensors
+    for a block (how the compiled step traces the step with its inputs as graph inputs).
+
     Inputs are validated device tensors in the learner's dtype (the learner validates); ``plan``
     is the ``EpochPlan`` of the step's epoch (schedules.py), whose ``loss_weights`` may be a
     device tensor (graph mode updates it between replays).
@@ -65,9 +71,10 @@ NOTE [Divergence guard]
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import weakref
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +83,7 @@ from torch import Tensor
 from .recompute import recomputed
 from .schedules import EpochPlan
 
-__all__ = ["DivergenceError", "MetaStep", "OuterOptimizer", "task_losses"]
+__all__ = ["DivergenceError", "MetaStep", "OuterOptimizer", "StepTensors", "task_losses"]
 
 
 def task_losses(logits: Tensor, y: Tensor) -> Tensor:
@@ -154,6 +161,47 @@ class DivergenceError(FloatingPointError):
     (NOTE [Divergence guard])."""
 
 
+class StepTensors(NamedTuple):
+    """The learner's tensors that a step reads (shapes in ``MAMLPlusPlus``): θ₀, the BN γ/β
+    tables (None for a layer without affine), the LSLR rates, the running statistics (None for a
+    layer that keeps none; updated in place by a training forward)."""
+
+    theta: Sequence[Tensor]
+    bn_weight: Sequence[Optional[Tensor]]
+    bn_bias: Sequence[Optional[Tensor]]
+    lslr: Tensor
+    running_mean: Sequence[Optional[Tensor]]
+    running_var: Sequence[Optional[Tensor]]
+
+    @classmethod
+    def of(cls, learner) -> "StepTensors":
+        """The learner's own tensors."""
+        return cls(learner.theta, learner.bn_weight, learner.bn_bias, learner.lslr, learner.running_mean,
+                   learner.running_var)
+
+    @classmethod
+    def from_flat(cls, learner, params: Sequence[Tensor], running_stats: Sequence[Tensor]) -> "StepTensors":
+        """Tensors laid out like ``learner.parameters()`` and ``learner.running_stats`` (same
+        order, same count; the LSLR rates are the learner's own when they are not learned), as a
+        ``StepTensors`` with the learner's structure."""
+        mine = cls.of(learner)
+        if len(params) != len(learner.parameters()) or len(running_stats) != len(learner.running_stats):
+            raise ValueError(f"StepTensors.from_flat: expected {len(learner.parameters())} parameters and "
+                             f"{len(learner.running_stats)} running statistics, got {len(params)} and "
+                             f"{len(running_stats)}")
+        it = iter(params)
+        theta = [next(it) for _ in mine.theta]
+        weight, bias = [], []
+        for w in mine.bn_weight:
+            weight.append(None if w is None else next(it))
+            bias.append(None if w is None else next(it))
+        lslr = next(it) if learner.config.learnable_inner_lr else mine.lslr
+        stats = iter(running_stats)
+        mean = [None if t is None else next(stats) for t in mine.running_mean]
+        var = [None if t is None else next(stats) for t in mine.running_var]
+        return cls(theta, weight, bias, lslr, mean, var)
+
+
 class MetaStep:
     """The step of a ``MAMLPlusPlus`` learner (NOTE [Step interface]). Holds the learner weakly
     (the learner owns its step) and reads the learner's public state on every call, so a switched backend
@@ -168,6 +216,7 @@ class MetaStep:
         # a proxy, not a reference: no cycle keeps a deleted learner's (device) memory alive, and
         # reading through it costs no Python call on the hot path
         self.learner = weakref.proxy(learner)
+        self._reading: Optional[StepTensors] = None
         dev = learner.device
         self.nonfinite = torch.zeros((), dtype=torch.float32, device=dev)
         self.dropped = torch.zeros((), dtype=torch.float32, device=dev)
@@ -179,13 +228,33 @@ class MetaStep:
         self.nonfinite.zero_()
         self.dropped.zero_()
 
+    def tensors(self) -> StepTensors:
+        """The tensors the step reads: the learner's, or those of an enclosing ``reading``."""
+        return StepTensors.of(self.learner) if self._reading is None else self._reading
+
+    @contextlib.contextmanager
+    def reading(self, tensors: StepTensors) -> Iterator[None]:
+        """Within the block, the step reads ``tensors`` instead of the learner's (the learner and
+        its optimizer are untouched)."""
+        outer, self._reading = self._reading, tensors
+        try:
+            yield
+        finally:
+            self._reading = outer
+
     # ------------------------------------------------------------------ the interface
     def forward_backward(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
         """Meta-loss and its backward into the meta-parameters' ``.grad``; returns [loss, mean
         accuracy, T task accuracies] on the device."""
-        lrn = self.learner
         if self._saved_stats:  # the forward updates them in place: NOTE [Divergence guard]
-            torch._foreach_copy_(self._saved_stats, lrn.running_stats)
+            torch._foreach_copy_(self._saved_stats, self.learner.running_stats)
+        return self.loss_and_gradients(sx, sy, qx, qy, plan)
+
+    def loss_and_gradients(self, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, plan: EpochPlan) -> Tensor:
+        """What ``forward_backward`` computes, eagerly: the meta-loss, its gradients into the
+        meta-parameters' ``.grad`` (None where the backward produces none) and [loss, mean
+        accuracy, T task accuracies] on the device."""
+        lrn = self.learner
         loss, info = self.meta_loss(sx, sy, qx, qy, plan)
         lrn.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -293,7 +362,8 @@ class MetaStep:
         lrn = self.learner
         cfg = lrn.config
         fn = lrn.backend_impl.batch_norm
-        layers, means, variances = lrn.bn_layers, lrn.running_mean, lrn.running_var
+        st = self.tensors()
+        layers, means, variances = lrn.bn_layers, st.running_mean, st.running_var
         row = min(step, cfg.inner_steps - 1) if cfg.per_step_bn_statistics else 0
         norm_with_batch = training or cfg.bn_eval_stats == "batch"
         update = training if update_stats is None else (training and update_stats)
@@ -323,13 +393,14 @@ class MetaStep:
         cfg = lrn.config
         backend = lrn.backend_impl
         T = sx.shape[0]
-        K = len(lrn.theta)
+        st = self.tensors()
+        K = len(st.theta)
         adapt_affine = cfg.adapt_bn_affine
-        src = list(lrn.theta)
+        src = list(st.theta)
         if adapt_affine:
-            for w, b in zip(lrn.bn_weight, lrn.bn_bias):
+            for w, b in zip(st.bn_weight, st.bn_bias):
                 src += [w[0], b[0]]
-        bn_w, bn_b, lslr = lrn.bn_weight, lrn.bn_bias, lrn.lslr
+        bn_w, bn_b, lslr = st.bn_weight, st.bn_bias, st.lslr
         if not training:
             src = [t.detach().requires_grad_() for t in src]
             bn_w = [None if t is None else t.detach() for t in bn_w]

@@ -33,7 +33,7 @@ __all__ = ["EXIT_DIVERGED", "GRAPH_MODES", "build_config", "main", "make_parser"
 #: exit status of a run stopped because it diverged (2: usage, data and disk errors; 128 + n: signal n)
 EXIT_DIVERGED = 3
 
-#: --graph choices -> the learner's ``graph`` argument
+#: --graph (and --compile) choices -> the learner's ``graph`` (``compile``) argument
 GRAPH_MODES = {"auto": "auto", "on": True, "off": False}
 
 
@@ -141,6 +141,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate-memory", action="store_true",
                    help="print the estimated memory of one meta-step of this configuration (with and without "
                         "--recompute, counted without allocating it) and exit")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="off",
+                   help="compiled training step: its forward and backward traced and compiled by inductor once per "
+                        "step shape (minutes the first time, seconds from inductor's cache later; auto: where it can "
+                        "run). Default off until a GPU run shows it wins (docs/compiled_step.md)")
     p.add_argument("--seed", type=int, help="seed of the initial weights and the training task stream")
     p.add_argument("--epochs", type=int, help="total epochs (config total_epochs; the CA schedule spans them)")
     p.add_argument("--iters-per-epoch", type=int, help="meta-steps per epoch (config iterations_per_epoch)")
@@ -267,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                               log_every=args.log_every, progress=not args.no_progress,
                               tensorboard=not args.no_tensorboard, resume=ckpt_path,
                               graph=GRAPH_MODES[args.graph], break_lock=args.break_lock,
-                              recompute=args.recompute)
+                              recompute=args.recompute, compile=GRAPH_MODES[args.compile])
         else:
             config = build_config(args.preset, args.config, tuple(args.set), seed=args.seed,
                                   total_epochs=args.epochs, iterations_per_epoch=args.iters_per_epoch,
@@ -279,7 +283,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                               keep_top_k=args.keep_top_k, eval_batch_size=args.eval_batch_size,
                               log_every=args.log_every, progress=not args.no_progress,
                               tensorboard=not args.no_tensorboard, graph=GRAPH_MODES[args.graph],
-                              break_lock=args.break_lock)
+                              break_lock=args.break_lock, compile=GRAPH_MODES[args.compile])
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, RunLockedError, ckp.WriteError,
             data_registry.DataError) as exc:
         parser.error(str(exc))

@@ -128,17 +128,23 @@ class TrainingDiverged(Exception):
 
 
 def resolve_run_execution(device: torch.device, dataset: str, backend: Optional[str], graph: bool | str,
-                          stored_backend: Optional[str] = None) -> Execution:
-    """``model.resolve_execution`` for a run, with the command-line flag (``--backend`` or
-    ``--graph``) named in its errors."""
+                          stored_backend: Optional[str] = None, compile: bool | str = False,
+                          recompute: str = "off") -> Execution:
+    """``model.resolve_execution`` for a run, with the command-line flag (``--backend``,
+    ``--graph`` or ``--compile``) named in its errors."""
     try:
         resolve_execution(device, dataset, backend, False, stored_backend=stored_backend)
     except (ValueError, RuntimeError) as exc:
         raise ValueError(f"--backend: {exc}") from None
     try:
-        return resolve_execution(device, dataset, backend, graph, stored_backend=stored_backend)
+        resolve_execution(device, dataset, backend, graph, stored_backend=stored_backend)
     except ValueError as exc:
         raise ValueError(f"--graph: {exc}") from None
+    try:
+        return resolve_execution(device, dataset, backend, graph, stored_backend=stored_backend, compile=compile,
+                                 recompute=recompute)
+    except ValueError as exc:
+        raise ValueError(f"--compile: {exc}") from None
 
 
 class Trainer:
@@ -173,6 +179,8 @@ class Trainer:
             ``MAMLConfig.recompute`` value that replaces it — also when resuming: recomputation
             changes the memory and time of a step, not its results (docs/memory.md).
         log: where one-line notes go (stderr).
+        compile: the learner's compiled training step (False, True or "auto"; NOTE [Compiled
+            step] in model/compiled.py).
 
     The run folder's lock is taken here (by the process that writes files) and held until
     ``fit`` returns or raises; ``fit`` and ``save_latest`` take it again when needed, ``close``
@@ -186,7 +194,8 @@ class Trainer:
                  tensorboard: bool = True, resume: bool | str | os.PathLike = False,
                  handle_signals: bool = True, strategy=None, graph: bool | str = False, break_lock: bool = False,
                  recompute: Optional[str] = None,
-                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
+                 log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+                 compile: bool | str = False) -> None:
         self.strategy = strategy if strategy is not None else SingleProcess()
         if not self.strategy.is_main:
             progress = False
@@ -202,7 +211,7 @@ class Trainer:
             self._lock.acquire()
         try:
             self._setup(config, backend, device, data, pools, keep_top_k, eval_batch_size, log_every, progress,
-                        tensorboard, resume, handle_signals, graph, recompute)
+                        tensorboard, resume, handle_signals, graph, recompute, compile)
         except BaseException:
             self.close()
             if created and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
@@ -210,7 +219,7 @@ class Trainer:
             raise
 
     def _setup(self, config, backend, device, data, pools, keep_top_k, eval_batch_size, log_every, progress,
-               tensorboard, resume, handle_signals, graph, recompute) -> None:
+               tensorboard, resume, handle_signals, graph, recompute, compile) -> None:
         ckpt, source_run = None, None
         if resume:
             path = self.latest_path if resume is True else Path(resume)
@@ -238,7 +247,8 @@ class Trainer:
         self.data = data or DataOptions()
         self.device = check_device(device)
         self.execution = resolve_run_execution(self.device, config.dataset, backend, graph,
-                                               stored_backend=ckpt["backend"] if ckpt is not None else None)
+                                               stored_backend=ckpt["backend"] if ckpt is not None else None,
+                                               compile=compile, recompute=config.recompute)
         self.backend = self.execution.backend
         self.keep_top_k = config.ensemble_top_k if keep_top_k is None else int(keep_top_k)
         if self.keep_top_k < 1:
@@ -266,7 +276,8 @@ class Trainer:
         if self.strategy.is_main:
             report_notes(self.execution.notes)
         try:
-            self.learner = MAMLPlusPlus(config, backend=self.backend, device=self.device, graph=self.execution.graph)
+            self.learner = MAMLPlusPlus(config, backend=self.backend, device=self.device, graph=self.execution.graph,
+                                        compile=self.execution.compiled)
         except (ValueError, TypeError) as exc:
             if self.network_record is None:
                 raise
