@@ -161,9 +161,17 @@ def run(args) -> list[dict]:
     rows = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    backends = [b for b in str(getattr(args, "backends", "") or ",".join(BACKENDS)).split(",") if b]
+    cases = [c for c in str(getattr(args, "cases", "") or ",".join(p for _, p in CASES)).split(",") if c]
+    for b in backends:
+        if b not in BACKENDS:
+            raise SystemExit(f"--backends: unknown backend {b!r}; expected some of {tuple(BACKENDS)}")
+    for c in cases:
+        if c not in dict((p, n) for n, p in CASES):
+            raise SystemExit(f"--cases: unknown case {c!r}; expected some of {tuple(p for _, p in CASES)}")
     try:
-        for case, preset in CASES:
-            for backend in BACKENDS:
+        for case, preset in [(n, p) for n, p in CASES if p in cases]:
+            for backend in backends:
                 row = dict(section="host", case=case, backend=backend, ops=None, compute_ops=None, conv_ops=None,
                            custom_ops=None, py_calls=None, host_ms=None)
                 if BACKENDS[backend].needs_extension and not mamlpp_ext.has_extension():
@@ -208,6 +216,10 @@ def main(argv=None) -> int:
                    help="count ops (no host time) at these meta-batch sizes, e.g. 2,8,32")
     p.add_argument("--compiled", action="store_true",
                    help="also count the compiled step's kernels (compiles each case's graph: minutes when cold)")
+    p.add_argument("--backends", default="", metavar="B1,B2,...",
+                   help="backends to count (default: all of the table)")
+    p.add_argument("--cases", default="", metavar="PRESET,...",
+                   help="presets to count (default: omniglot-5way-1shot,omniglot-20way-1shot)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     rows = run(args)
