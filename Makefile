@@ -1,10 +1,11 @@
 # Two commands set up everything on a fresh machine:
 #   make bench   - create .venv, install torch + deps, build the extension, run the benchmarks
-#                  (every section, short: fewer repeats, the two Omniglot meta-step cases, no
-#                  256x56x56 batch-norm shape; a few minutes on a 2-core CPU)
+#                  (the speed sections, short: update, batch norm, meta-step, sampling, host;
+#                  fewer repeats, the two Omniglot meta-step cases, no 256x56x56 batch-norm
+#                  shape; under 3 minutes on a 2-core CPU)
 #   make test    - same set-up, then the test suite
-# Other targets: make bench-all (every section at full size and repeats: ~14 minutes on a 2-core
-# CPU) | venv | build | lint | clean. Variables: PYTHON, VENV, TORCH_SPEC, MAX_JOBS, BENCH_ARGS
+# Other targets: make bench-all (every section, memory and task-conv included, at full size and
+# repeats: tens of minutes on a 2-core CPU) | venv | build | lint | clean. Variables: PYTHON, VENV, TORCH_SPEC, MAX_JOBS, BENCH_ARGS
 # (passed to benchmarks/inner_loop.py by `make bench`), BENCH_ALL_ARGS (by `make bench-all`),
 # PYTEST_ARGS.
 # The extension is compiled only when a file under csrc/, setup.py or pyproject.toml changed
@@ -17,7 +18,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 DEPS ?= numpy pillow tqdm matplotlib pyyaml pytest expecttest hypothesis ruff
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
-BENCH_ARGS ?= --quick --bn-no-large
+BENCH_ARGS ?= --quick --bn-no-large --what update,batchnorm,meta-step,sampling,host
 BENCH_ALL_ARGS ?=
 PYTEST_ARGS ?= -q
 

@@ -14,7 +14,8 @@ independent and run anywhere:
   time of the eager step. (On CPU even tiny kernels cost something, notably oneDNN's setup per
   convolution, so this is an upper bound of the Python + dispatch cost.)
 
-Cases: Omniglot 5-way 1-shot and 20-way 1-shot (meta-batch 8, 5 steps, second order, MSL), epoch 0.
+Cases: Omniglot 5-way 1-shot and 20-way 1-shot (meta-batch 8, 5 steps, second order, MSL), epoch 0
+(``--quick``: 5-way only; the 20-way step dispatches the same ops).
 ``--tasks 2,8,32`` counts (no host time) at those meta-batch sizes instead: how the ops, and the
 convolutions, of a meta-step grow with the number of tasks T.
 
@@ -162,7 +163,9 @@ def run(args) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     backends = [b for b in str(getattr(args, "backends", "") or ",".join(BACKENDS)).split(",") if b]
-    cases = [c for c in str(getattr(args, "cases", "") or ",".join(p for _, p in CASES)).split(",") if c]
+    # --quick: the 5-way case only (the 20-way step dispatches the same ops; only its host time differs)
+    default_cases = CASES[:1] if args.quick else CASES
+    cases = [c for c in str(getattr(args, "cases", "") or ",".join(p for _, p in default_cases)).split(",") if c]
     for b in backends:
         if b not in BACKENDS:
             raise SystemExit(f"--backends: unknown backend {b!r}; expected some of {tuple(BACKENDS)}")

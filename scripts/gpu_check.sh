@@ -16,12 +16,17 @@
 # 8. runs the other CUDA benchmarks (update, batch norm) into bench.json;
 # 9. memory: the step peak per case, backend and recompute mode counted on the meta device, beside
 #    a real step on the GPU (the live-storage count and torch.cuda.max_memory_allocated) and the
-#    time with recompute off/steps/query (memory.json).
+#    time with recompute off/steps/query (memory.json);
+# 10. compiled: the compiled step (off by default; docs/compiled_step.md) in graph mode against the
+#    graph-mode eager step, Omniglot 5-way and 20-way 1-shot (compiled.json; the first step of each
+#    compiles: about a minute per graph on 16 cores, its time in the compile_s column).
+# The task_conv, recompute, divergence and compiled-step CUDA tests run in step 7 (-k cuda).
 # Writes at most 16 files into OUTDIR (default: $OUT, else ./gpu_out) and ends with a summary.
-# Budget: about 9-10 minutes on an H100 (each step has its own timeout); SKIP trims it.
+# Budget: steps 1-8 about 9-10 minutes on an H100, 9-10 about 8 more (each step has its own
+# timeout); a 15-minute device slot runs SKIP="train probe tests" first, the rest in a second run.
 # Omniglot: set MAMLPP_OMNIGLOT_ROOT, or carry a copy in ./gpu_data/omniglot; a preprocessed
 # cache entry carried in ./gpu_data/omniglot_cache (meta.json + images-*.npy) saves decoding it.
-# SKIP="graph graph-bench train probe cuda-tests tests bench memory" skips steps by name.
+# SKIP="graph graph-bench train probe cuda-tests tests bench memory compiled" skips steps by name.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUTDIR="${1:-${OUT:-$REPO/gpu_out}}"
@@ -182,6 +187,15 @@ if ! skipped memory; then
     --json "$OUTDIR/memory.json" > "$OUTDIR/memory.log" 2>&1
   rc=$?
   status memory "$([ $rc = 0 ] && echo ok || echo FAIL)" "memory.log / memory.json"
+fi
+
+# 10. the compiled step in graph mode on CUDA
+if ! skipped compiled; then
+  timeout 300 "$PY" "$REPO/benchmarks/meta_step.py" --device cuda --meta-step-cases omniglot-5way-1shot,omniglot-20way-1shot \
+    --meta-step-backends fused+graph,fused+graph+compiled,batched+graph \
+    --json "$OUTDIR/compiled.json" > "$OUTDIR/compiled.log" 2>&1
+  rc=$?
+  status compiled "$([ $rc = 0 ] && echo ok || echo FAIL)" "compiled.log / compiled.json"
 fi
 
 echo; echo "== summary ($(( $(date +%s) - START )) s) =="
