@@ -204,3 +204,16 @@ def test_where_lists_every_dataset(capsys, tmp_path, monkeypatch):
     assert f"CUB-200-2011: {tmp_path / 'mamlpp_ext' / 'cub'} (default; $MAMLPP_CUB_ROOT is not set" in out
     assert "mamlpp-data download cub" in out
 
+
+
+def test_no_progress_silences_the_data_bars_too(roots, tmp_path, capsys):
+    """``--no-progress`` covers the first pass over the images and their preprocessing (a fresh
+    cache), not only the training bars; without it those bars are shown."""
+    assert _train(tmp_path / "quiet", "folder-5way-1shot", roots["folder"], tmp_path / "cache1", "batched") == 0
+    err = capsys.readouterr().err
+    assert "preprocessing" not in err and "checking" not in err and "img/s" not in err, err
+    argv = [a for a in SMALL if a != "--no-progress"]
+    assert T.main(["--preset", "folder-5way-1shot", "--dataset-root", str(roots["folder"]), "--cache-dir",
+                   str(tmp_path / "cache2"), "--backend", "batched", "--run-dir", str(tmp_path / "loud"), "--device",
+                   "cpu", *argv]) == 0
+    assert "preprocessing" in capsys.readouterr().err

@@ -105,7 +105,7 @@ def evaluate_checkpoints(paths: Sequence[Path], *, split_set: str = "test", num_
         learners, ckpts = load_members(paths, backend, device)
     cfg = learners[0].config
     data = data or stored_data_options(ckpts[0]["data"])
-    pools = pools if pools is not None else load_pools(cfg, data)
+    pools = pools if pools is not None else load_pools(cfg, data, progress=progress)
     ds = eval_dataset(pools[split_set], cfg, data, num_tasks, batch_size or cfg.meta_batch)
     t0 = time.perf_counter()
     desc = f"{split_set} ({len(learners)} model(s))"

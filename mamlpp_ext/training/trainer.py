@@ -282,7 +282,7 @@ class Trainer:
             if self.network_record is None:
                 raise
             raise type(exc)(f"--network {config.network}: {exc}") from None
-        self.pools = pools if pools is not None else load_pools(config, self.data)
+        self.pools = pools if pools is not None else load_pools(config, self.data, progress=progress)
         for name in ("train", "val"):
             if name not in self.pools:
                 raise ValueError(f"pools must hold a {name!r} ClassPool")
