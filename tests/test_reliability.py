@@ -636,3 +636,12 @@ def test_threads_option_of_eval_and_table(done_run, tmp_path, capsys):
 def test_docs_load_checkpoints_safely():
     for doc in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
         assert "weights_only=False" not in doc.read_text(), doc
+
+
+def test_epoch_line_speed_never_reads_zero():
+    """A slow step (a ResNet-12 step on a CPU takes minutes) is shown as seconds per step."""
+    from mamlpp_ext.training.trainer import _speed
+
+    assert _speed(2.5) == "2.50 steps/s"
+    assert _speed(0.0031) == "323 s/step"
+    assert _speed(None) == "- steps/s"

@@ -147,6 +147,16 @@ def resolve_run_execution(device: torch.device, dataset: str, backend: Optional[
         raise ValueError(f"--compile: {exc}") from None
 
 
+
+def _speed(steps_per_second: Optional[float]) -> str:
+    """The epoch line's speed: steps/s, or s/step when a step takes longer than ten seconds (a
+    ResNet-12 step on a CPU), so that it never reads 0.00."""
+    if not steps_per_second:
+        return "- steps/s"
+    if steps_per_second < 0.1:
+        return f"{1.0 / steps_per_second:.0f} s/step"
+    return f"{steps_per_second:.2f} steps/s"
+
 class Trainer:
     """The MAML++ training loop over a run folder.
 
@@ -636,7 +646,7 @@ class Trainer:
             last_row = row
             msg = (f"epoch {epoch + 1}/{E}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} | "
                    f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} ± {val['ci95']:.4f} | "
-                   f"{row['steps_per_second'] or 0:.2f} steps/s")
+                   f"{_speed(row['steps_per_second'])}")
             if (self.progress or self.log_every) and self.is_main:
                 print(msg, file=sys.stderr, flush=True)
             if self._stop_requested(sync=True):
