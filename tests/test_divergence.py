@@ -78,6 +78,23 @@ def test_meta_step_on_nan_images_raises_and_changes_nothing(backend):
     assert any(not torch.equal(x, y) for x, y in zip(snapshot(lrn), before))
 
 
+@pytest.mark.parametrize("recompute", ["steps", "query"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guard_with_recomputation_changes_nothing(backend, recompute):
+    """The guard and the recomputation mode together: a NaN step restores the running statistics
+    the first pass wrote (the reruns write none) and applies nothing."""
+    lrn = learner(backend, recompute=recompute)
+    lrn.meta_step(*batch(lrn.config, 0), epoch=0)
+    before = snapshot(lrn)
+    sx, sy, qx, qy = batch(lrn.config, 1)
+    qx[1, 0, 0, 2, 2] = float("nan")
+    with pytest.raises(DivergenceError):
+        lrn.meta_step(sx, sy, qx, qy, epoch=0)
+    assert_same(snapshot(lrn), before)
+    out = lrn.meta_step(*batch(lrn.config, 2), epoch=0)
+    assert math.isfinite(out["loss"])
+
+
 @pytest.mark.parametrize("backend", backend_params(per_task=False))
 def test_infinite_gradient_with_a_finite_loss_is_dropped_even_with_a_clamp(backend):
     """The check runs before the clamp, which would turn ±inf into ±grad_clamp."""
