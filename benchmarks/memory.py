@@ -321,23 +321,8 @@ def compare_torch_checkpoint(device: torch.device, preset: str = "omniglot-5way-
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows and the machine to PATH")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda was given but no CUDA device is available")
-    machine = timing.machine(args.device)
-    print(f"# MAML++ meta-step memory benchmark, {machine}")
-    rows = run(args)
-    timing.print_table(rows, COLUMNS)
-    if args.json:
-        timing.write_json(args.json, {"machine": machine, "command": " ".join(sys.argv), "rows": rows})
-        print(f"\nwrote {args.json}")
-    return 0
+    return timing.section_main(__doc__, "MAML++ meta-step memory benchmark", add_arguments, run, COLUMNS,
+                               "fewer cases and repeats", argv)
 
 
 if __name__ == "__main__":

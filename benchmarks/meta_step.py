@@ -161,23 +161,8 @@ def run(args) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats: finishes in a couple of minutes on CPU")
-    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows and the machine to PATH")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda was given but no CUDA device is available")
-    machine = timing.machine(args.device)
-    print(f"# MAML++ meta-step benchmark, {machine}")
-    rows = run(args)
-    timing.print_table(rows, COLUMNS)
-    if args.json:
-        timing.write_json(args.json, {"machine": machine, "command": " ".join(sys.argv), "rows": rows})
-        print(f"\nwrote {args.json}")
-    return 0
+    return timing.section_main(__doc__, "MAML++ meta-step benchmark", add_arguments, run, COLUMNS,
+                               "fewer repeats: finishes in a couple of minutes on CPU", argv)
 
 
 if __name__ == "__main__":

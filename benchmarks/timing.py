@@ -126,3 +126,29 @@ def write_json(path: str, payload: dict) -> None:
     with open(tmp, "w") as fh:
         json.dump(payload, fh, indent=2)
     os.replace(tmp, path)
+
+
+def section_main(description: str, title: str, add_arguments: Callable, run: Callable, columns: list,
+                 quick_help: str, argv=None) -> int:
+    """The command line of a benchmark section run on its own: --device, --quick, --json and the
+    section's options; prints the machine line, the table, and writes the JSON when asked."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", default=None, metavar="PATH", help="write the rows and the machine to PATH")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda was given but no CUDA device is available")
+    info = machine(args.device)
+    print(f"# {title}, {info}")
+    rows = run(args)
+    print_table(rows, columns)
+    if args.json:
+        write_json(args.json, {"machine": info, "command": " ".join(sys.argv), "rows": rows})
+        print(f"\nwrote {args.json}")
+    return 0
