@@ -362,7 +362,8 @@ class MetaStep:
         lrn = self.learner
         cfg = lrn.config
         fn = lrn.backend_impl.batch_norm
-        st = self.tensors()
+        # called per network forward: read the statistics without building a StepTensors
+        st = lrn if self._reading is None else self._reading
         layers, means, variances = lrn.bn_layers, st.running_mean, st.running_var
         row = min(step, cfg.inner_steps - 1) if cfg.per_step_bn_statistics else 0
         norm_with_batch = training or cfg.bn_eval_stats == "batch"
