@@ -5,7 +5,8 @@
 #                  shape; under 3 minutes on a 2-core CPU)
 #   make test    - same set-up, then the test suite
 # Other targets: make bench-all (every section, memory and task-conv included, at full size and
-# repeats: tens of minutes on a 2-core CPU) | venv | build | lint | clean. Variables: PYTHON, VENV, TORCH_SPEC, MAX_JOBS, BENCH_ARGS
+# repeats; 14 minutes on a 2-core CPU before those two sections joined, not timed since)
+# | venv | build | lint | clean. Variables: PYTHON, VENV, TORCH_SPEC, MAX_JOBS, BENCH_ARGS
 # (passed to benchmarks/inner_loop.py by `make bench`), BENCH_ALL_ARGS (by `make bench-all`),
 # PYTEST_ARGS.
 # The extension is compiled only when a file under csrc/, setup.py or pyproject.toml changed
